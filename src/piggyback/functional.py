@@ -1,0 +1,73 @@
+"""Scores to masks: hard thresholds with a straight-through gradient, and score inits.
+
+The forward pass thresholds real-valued scores into a mask; the backward pass
+treats the threshold as the identity, so with ``W_task = W * m`` autograd gives
+``dL/dscores = dL/dW_task * W``, the paper's update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bits import MaskKind
+from .config import ScoreInit, ThresholdFn
+
+MASK_KINDS: dict[str, MaskKind] = {"binarizer": "binary", "ternarizer": "ternary"}
+
+
+class Binarizer(torch.autograd.Function):
+    """m = 1 where score > threshold, else 0; gradient passed straight through."""
+
+    @staticmethod
+    def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output, None
+
+
+class Ternarizer(torch.autograd.Function):
+    """m = -1 below 0, 0 in [0, threshold], 1 above; gradient passed straight through."""
+
+    @staticmethod
+    def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype) - (scores < 0).to(scores.dtype)
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output, None
+
+
+_THRESHOLDERS: dict[str, type[torch.autograd.Function]] = {
+    "binarizer": Binarizer,
+    "ternarizer": Ternarizer,
+}
+
+
+def threshold_scores(scores: torch.Tensor, threshold: float, fn: ThresholdFn) -> torch.Tensor:
+    """The mask of `scores` under `fn`, differentiable with the straight-through estimator."""
+    return _THRESHOLDERS[fn].apply(scores, threshold)
+
+
+def init_scores(weight: torch.Tensor, init: ScoreInit, scale: float) -> torch.Tensor:
+    """Fresh fp32 scores shaped like `weight`.
+
+    "1s" fills `scale` (every weight kept at first), "uniform" draws U(-scale, scale)
+    from torch's global generator, "weight_based" fills the layer's mean |W|.
+    """
+    shape, device = weight.shape, weight.device
+    if init == "1s":
+        return torch.full(shape, scale, dtype=torch.float32, device=device)
+    if init == "uniform":
+        return torch.empty(shape, dtype=torch.float32, device=device).uniform_(-scale, scale)
+    mean_abs = weight.detach().float().abs().mean()
+    return torch.full(shape, float(mean_abs), dtype=torch.float32, device=device)

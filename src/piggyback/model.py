@@ -1,0 +1,431 @@
+"""PiggybackModel: one frozen backbone, many tasks, one mask per task."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bits import MaskKind, bits_per_value, empirical_entropy_bits
+from .config import MaskConfig, matches
+from .errors import ConfigError, UnknownTaskError
+from .layers import (
+    MASKABLE_TYPES,
+    NORM_TYPES,
+    MaskedLayer,
+    TaskHead,
+    TaskModule,
+    TaskNorm,
+)
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
+ParameterPart = Literal["all", "scores", "head", "norm"]
+
+
+@dataclass
+class TaskInfo:
+    """What the model knows of one task beyond its tensors."""
+
+    num_classes: int
+    class_names: list[str] | None = None
+    train_bn: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerMaskStats:
+    """One layer's mask: how many weights, and the fractions kept (non-zero) and negated."""
+
+    name: str
+    numel: int
+    kept: float
+    negative: float = 0.0
+
+    @classmethod
+    def of(cls, name: str, mask: torch.Tensor) -> LayerMaskStats:
+        flat = mask.flatten()
+        return cls(
+            name,
+            flat.numel(),
+            kept=float((flat != 0).float().mean()),
+            negative=float((flat < 0).float().mean()),
+        )
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """How much of the backbone a task keeps, and what its mask costs to store."""
+
+    task: str
+    kind: MaskKind
+    layers: list[LayerMaskStats] = field(repr=False)
+    numel: int
+    kept: float
+    packed_bits: int
+    entropy_bits: float
+
+    @property
+    def entropy_bits_per_weight(self) -> float:
+        return self.entropy_bits / max(self.numel, 1)
+
+
+class PiggybackModel(nn.Module):
+    """Wraps any backbone so that tasks are added as masks over its frozen weights.
+
+    The backbone is changed in place: its conv and linear layers become
+    `MaskedLayer`s, its norm layers `TaskNorm`s and its head a `TaskHead`, and
+    every original parameter is frozen. With no active task the model is the
+    plain backbone.
+
+    Example:
+        >>> import torchvision
+        >>> model = PiggybackModel(torchvision.models.resnet18(num_classes=10))
+        >>> model.add_task("birds", num_classes=5)
+        >>> model.set_task("birds")
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(self, backbone: nn.Module, config: MaskConfig | None = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise ConfigError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+        if any(isinstance(m, TaskModule) for m in backbone.modules()):
+            raise ConfigError("this backbone is already wrapped by a PiggybackModel")
+        from .store import fingerprint
+
+        self.config = config or MaskConfig()
+        self.fingerprint = fingerprint(backbone)
+        backbone.requires_grad_(False)
+        self.head_name = _find_head(backbone, self.config.head)
+        targets = _select_targets(backbone, self.config, self.head_name)
+        self.masked_layers: dict[str, MaskedLayer] = {}
+        self.norms: dict[str, TaskNorm] = {}
+        for name in targets:
+            self.masked_layers[name] = _replace(
+                backbone, name, MaskedLayer(_get(backbone, name), self.config)
+            )
+        for name, module in list(backbone.named_modules()):
+            if isinstance(module, NORM_TYPES) and not name.startswith(self.head_name + "."):
+                self.norms[name] = _replace(backbone, name, TaskNorm(module))
+        self.head: TaskHead = _replace(
+            backbone, self.head_name, TaskHead(_get(backbone, self.head_name))
+        )
+        self.backbone = backbone
+        self.task_info: dict[str, TaskInfo] = {}
+        self.active_task: str | None = None
+
+    # ----------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_info)
+
+    def add_task(
+        self,
+        name: str,
+        num_classes: int,
+        *,
+        class_names: Sequence[str] | None = None,
+        train_bn: bool | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        mask_kind: MaskKind = "binary",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add a task: a new head, per-task norm layers when `train_bn` (default: the
+        config's), and either fresh trainable scores for every masked layer or, with
+        `masks` (layer name -> mask values), fixed bit-packed masks. `metadata`
+        (JSON-ready, e.g. the backbone's name and input size) is kept in task files."""
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+            raise ConfigError(
+                f"task name {name!r} is not allowed; use 1-128 letters, digits, '_' or '-'"
+            )
+        if name in self.task_info:
+            raise ConfigError(f"task {name!r} already exists; remove_task({name!r}) first")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
+        if masks is not None and set(masks) != set(self.masked_layers):
+            missing = sorted(set(self.masked_layers) - set(masks))[:3]
+            raise ConfigError(f"masks must cover every masked layer; missing e.g. {missing}")
+        train_bn = self.config.train_bn if train_bn is None else train_bn
+        for layer_name, layer in self.masked_layers.items():
+            if masks is None:
+                layer.add_task(name)
+            else:
+                layer.store_mask(name, masks[layer_name], mask_kind)
+        self.head.add_task(name, num_classes)
+        if train_bn:
+            for norm in self.norms.values():
+                norm.add_task(name)
+        names = None if class_names is None else [str(c) for c in class_names]
+        self.task_info[name] = TaskInfo(num_classes, names, train_bn, dict(metadata or {}))
+
+    def set_task(self, name: str | None) -> None:
+        """Make `name` the task that `forward` runs (None: the plain backbone)."""
+        if name is not None:
+            self._check_task(name)
+        self._activate(name)
+        self.active_task = name
+
+    def remove_task(self, name: str) -> None:
+        self._check_task(name)
+        for module in self._task_modules():
+            module.remove_task(name)
+        del self.task_info[name]
+        if self.active_task == name:
+            self.set_task(None)
+
+    def freeze_task(self, name: str) -> None:
+        """Turn a trained task's scores into packed masks (1-2 bits per weight)."""
+        self._check_task(name)
+        for layer in self.masked_layers.values():
+            layer.freeze_task(name)
+
+    def is_trainable(self, name: str) -> bool:
+        self._check_task(name)
+        return any(name in layer.scores for layer in self.masked_layers.values())
+
+    def trainable_parameters(
+        self, task: str | None = None, part: ParameterPart = "all"
+    ) -> list[nn.Parameter]:
+        """The parameters an optimizer should update for `task` (default: the active one)."""
+        task = self._task_or_active(task)
+        params: list[nn.Parameter] = []
+        if part in ("all", "scores"):
+            params += [m.scores[task] for m in self.masked_layers.values() if task in m.scores]
+        if part in ("all", "head"):
+            params += list(self.head.heads[task].parameters())
+        if part in ("all", "norm"):
+            for norm in self.norms.values():
+                if task in norm.norms:
+                    params += list(norm.norms[task].parameters())
+        return params
+
+    def masks(self, task: str | None = None) -> dict[str, torch.Tensor]:
+        """Every masked layer's mask values for `task`, as int8 tensors."""
+        task = self._task_or_active(task)
+        with torch.no_grad():
+            return {name: m.mask(task).to(torch.int8) for name, m in self.masked_layers.items()}
+
+    def mask_kind(self, task: str) -> MaskKind:
+        self._check_task(task)
+        return next(iter(self.masked_layers.values())).kinds[task]
+
+    def mask_stats(self, task: str | None = None) -> MaskStats:
+        task = self._task_or_active(task)
+        masks = self.masks(task)
+        layers = [LayerMaskStats.of(name, mask) for name, mask in masks.items()]
+        every = torch.cat([mask.flatten() for mask in masks.values()])
+        kind = self.mask_kind(task)
+        return MaskStats(
+            task=task,
+            kind=kind,
+            layers=layers,
+            numel=every.numel(),
+            kept=float((every != 0).float().mean()),
+            packed_bits=every.numel() * bits_per_value(kind),
+            entropy_bits=empirical_entropy_bits(every),
+        )
+
+    # --------------------------------------------------------------- forward
+    def forward(self, *args: Any, task_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Run the active task, or with `task_names` (one per sample) a mixed batch.
+
+        A mixed batch runs each task's samples through the network as a group,
+        so it equals a per-task loop. Its output is a tensor; when the tasks have
+        different class counts, the logits are padded on the right with -inf.
+        """
+        if task_names is None:
+            return self.backbone(*args, **kwargs)
+        return self._forward_mixed(list(task_names), args, kwargs)
+
+    def _forward_mixed(
+        self, task_names: list[str], args: tuple, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        batch = _batch_size(args, kwargs)
+        if len(task_names) != batch:
+            raise ConfigError(f"{len(task_names)} task names for a batch of {batch} samples")
+        for name in dict.fromkeys(task_names):
+            self._check_task(name)
+        groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            for task in dict.fromkeys(task_names):
+                rows = [i for i, t in enumerate(task_names) if t == task]
+                index = torch.tensor(rows, device=_first_tensor(args, kwargs).device)
+                self._activate(task)
+                sub_args = tuple(_take(a, index, batch) for a in args)
+                sub_kwargs = {k: _take(v, index, batch) for k, v in kwargs.items()}
+                groups.append((index, self.backbone(*sub_args, **sub_kwargs)))
+        finally:
+            self._activate(self.active_task)
+        return _assemble(groups, batch)
+
+    def train(self, mode: bool = True) -> PiggybackModel:
+        """As nn.Module.train; also drops cached masked weights, which training makes stale."""
+        super().train(mode)
+        for layer in self.masked_layers.values():
+            layer.clear_cache()
+        return self
+
+    # ------------------------------------------------------------ unwrapping
+    def bake(self, task: str | None = None) -> nn.Module:
+        """A plain model of the backbone's own class with W * mask and the task's
+        head and norms baked in: inference at exactly the plain backbone's cost.
+        Its tensors are its own; it is returned in eval mode."""
+        if task is not None:
+            self._check_task(task)
+        memo: dict[int, Any] = {}
+        with torch.no_grad():
+            for layer in self.masked_layers.values():
+                memo[id(layer)] = layer.baked(task)
+        for module in (self.head, *self.norms.values()):
+            memo[id(module)] = copy.deepcopy(module.layer_for(task))
+        baked = copy.deepcopy(self.backbone, memo)
+        baked.requires_grad_(True)
+        return baked.eval()
+
+    @property
+    def base(self) -> nn.Module:
+        """The untouched backbone as a plain module (its original head included).
+
+        Its parameters are the frozen ones this model uses, shared rather than
+        copied; do not train them. Its buffers are copies.
+        """
+        memo: dict[int, Any] = {id(p): p for p in self.backbone.parameters()}
+        for module in self._task_modules():
+            memo[id(module)] = copy.deepcopy(module.base_layer, memo)
+        return copy.deepcopy(self.backbone, memo)
+
+    # -------------------------------------------------------------- storage
+    def save_task(self, task: str, path: str | Path) -> Path:
+        """Write one task to a safetensors file (atomic); see `piggyback.store`."""
+        from .store import save_task
+
+        return save_task(self, task, path)
+
+    def load_task(self, path: str | Path, name: str | None = None) -> str:
+        """Load a task file into this model; returns the task's name."""
+        from .store import load_task
+
+        return load_task(self, path, name=name)
+
+    # -------------------------------------------------------------- helpers
+    def _task_modules(self) -> Iterator[TaskModule]:
+        yield from self.masked_layers.values()
+        yield from self.norms.values()
+        yield self.head
+
+    def _activate(self, task: str | None) -> None:
+        for module in self._task_modules():
+            module.active_task = task
+
+    def _check_task(self, name: str) -> None:
+        if name not in self.task_info:
+            raise UnknownTaskError(f"no task {name!r}; this model holds {self.tasks}")
+
+    def _task_or_active(self, task: str | None) -> str:
+        task = task if task is not None else self.active_task
+        if task is None:
+            raise ConfigError("no task given and no active task; call set_task(name) first")
+        self._check_task(task)
+        return task
+
+
+def _get(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> Any:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+    return new
+
+
+def _find_head(backbone: nn.Module, head: str | None) -> str:
+    """The classifier's module name: given, timm's get_classifier(), or the last Linear."""
+    names = {id(m): n for n, m in backbone.named_modules() if n}
+    if head is not None:
+        if head not in set(names.values()):
+            raise ConfigError(f"head={head!r} is not a module of this backbone")
+        return head
+    get_classifier = getattr(backbone, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Module) and id(classifier) in names:
+            return names[id(classifier)]
+    linear = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ConfigError(
+            "found no classifier head (no get_classifier() and no nn.Linear); "
+            "name it with MaskConfig(head='module.name')"
+        )
+    return linear[-1]
+
+
+def _select_targets(backbone: nn.Module, config: MaskConfig, head: str) -> list[str]:
+    """Names of the layers to mask: supported types, picked by the config, never the head."""
+    supported = [
+        n
+        for n, m in backbone.named_modules()
+        if isinstance(m, MASKABLE_TYPES) and n != head and not n.startswith(head + ".")
+    ]
+    chosen = [
+        n
+        for n in supported
+        if (config.target_modules is None or matches(config.target_modules, n))
+        and (config.exclude_modules is None or not matches(config.exclude_modules, n))
+    ]
+    if not chosen:
+        sample = ", ".join(supported[:6]) or "none"
+        raise ConfigError(
+            f"no layer to mask: target_modules={config.target_modules!r}, "
+            f"exclude_modules={config.exclude_modules!r}. Supported types are "
+            f"{[t.__name__ for t in MASKABLE_TYPES]}; such layers here: {sample}"
+        )
+    return chosen
+
+
+def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ConfigError("a mixed-task batch needs at least one tensor input")
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
+    tensor = _first_tensor(args, kwargs)
+    if tensor.dim() == 0:
+        raise ConfigError("a mixed-task batch needs batched inputs (first dimension = samples)")
+    return tensor.shape[0]
+
+
+def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, index)
+    return value
+
+
+def _assemble(groups: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
+    """Put each group's outputs back at its rows, padding logits with -inf if widths differ."""
+    outputs = [out for _, out in groups]
+    if not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise ConfigError("a mixed-task batch needs a backbone that returns a tensor")
+    if len({o.shape[1:] for o in outputs}) > 1:
+        if any(o.dim() != 2 for o in outputs):
+            raise ConfigError("tasks in a mixed batch give outputs of different shapes")
+        width = max(o.shape[1] for o in outputs)
+        outputs = [F.pad(o, (0, width - o.shape[1]), value=float("-inf")) for o in outputs]
+    first = outputs[0]
+    result = first.new_zeros((batch, *first.shape[1:]))
+    for (index, _), out in zip(groups, outputs, strict=True):
+        result = result.index_copy(0, index, out)
+    return result

@@ -1,0 +1,132 @@
+"""Bit packing and the task-file mask codecs: exact round trips, sizes, damage."""
+
+from __future__ import annotations
+
+import lzma
+import math
+
+import pytest
+import torch
+
+from piggyback.bits import (
+    CODECS,
+    _encode_sparse,
+    bits_per_value,
+    decode_mask,
+    empirical_entropy_bits,
+    encode_mask,
+    pack_mask,
+    unpack_mask,
+)
+from piggyback.errors import ConfigError, TaskFileError
+
+
+def random_mask(numel: int, density: float, kind: str, seed: int = 0) -> torch.Tensor:
+    """A flat mask whose values differ from 1 with probability 1 - density."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(numel, generator=generator) < density
+    if kind == "binary":
+        return keep.to(torch.int8)
+    other = torch.where(torch.rand(numel, generator=generator) < 0.5, -1, 0).to(torch.int8)
+    return torch.where(keep, torch.ones_like(other), other)
+
+
+def encode_with(codec: str, mask: torch.Tensor, kind: str) -> bytes:
+    packed = pack_mask(mask, kind).numpy().tobytes()
+    return {
+        "packed": lambda: packed,
+        "packed-lzma": lambda: lzma.compress(packed),
+        "sparse-lzma": lambda: _encode_sparse(mask, kind),
+    }[codec]()
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 1000])
+@pytest.mark.parametrize("density", [0.0, 0.5, 0.97, 1.0])
+def test_pack_round_trip(kind: str, numel: int, density: float) -> None:
+    mask = random_mask(numel, density, kind, seed=numel)
+    packed = pack_mask(mask.float(), kind)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(numel * bits_per_value(kind) / 8)
+    assert torch.equal(unpack_mask(packed, numel, kind, dtype=torch.int8), mask)
+    assert torch.equal(unpack_mask(packed, numel, kind), mask.float())
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("numel", [1, 7, 9, 1000])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.99, 1.0])
+def test_every_codec_round_trips(kind: str, codec: str, numel: int, density: float) -> None:
+    mask = random_mask(numel, density, kind, seed=numel + 1)
+    decoded = decode_mask(encode_with(codec, mask, kind), codec, numel, kind)
+    assert decoded.dtype == torch.int8 and torch.equal(decoded, mask)
+
+
+def test_encode_picks_the_smallest_and_reaches_half_a_bit() -> None:
+    mask = random_mask(1_000_000, 0.95, "binary")
+    payload, codec = encode_mask(mask, "binary")
+    sizes = {name: len(encode_with(name, mask, "binary")) for name in CODECS}
+    assert len(payload) == min(sizes.values()) and sizes[codec] == len(payload)
+    bits_per_weight = 8 * len(payload) / mask.numel()
+    floor = empirical_entropy_bits(mask) / mask.numel()
+    assert floor <= bits_per_weight < 0.5  # H(0.05) = 0.286 bits
+    assert torch.equal(decode_mask(payload, codec, mask.numel(), "binary"), mask)
+
+
+def test_dense_random_mask_stays_at_one_bit() -> None:
+    mask = random_mask(100_000, 0.5, "binary")
+    payload, codec = encode_mask(mask, "binary")
+    assert codec == "packed" and len(payload) == 100_000 // 8
+
+
+def test_long_gaps_use_wider_integers() -> None:
+    mask = torch.ones(200_000, dtype=torch.int8)
+    mask[[3, 70_000, 199_999]] = 0
+    payload = _encode_sparse(mask, "binary")
+    assert torch.equal(decode_mask(payload, "sparse-lzma", mask.numel(), "binary"), mask)
+
+
+def test_entropy_bits() -> None:
+    assert empirical_entropy_bits(torch.ones(10)) == 0
+    assert empirical_entropy_bits(torch.tensor([0, 1, 0, 1])) == pytest.approx(4.0)
+    ternary = torch.tensor([-1, 0, 1, 1])
+    assert empirical_entropy_bits(ternary) == pytest.approx(6.0)
+
+
+def test_pack_rejects_values_outside_the_kind() -> None:
+    with pytest.raises(ConfigError, match="binary mask may only hold"):
+        pack_mask(torch.tensor([0.0, 2.0]), "binary")
+    with pytest.raises(ConfigError, match="ternary"):
+        pack_mask(torch.tensor([0.5, 1.0]), "ternary")
+    with pytest.raises(ConfigError, match="mask kind"):
+        bits_per_value("quaternary")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_damaged_payloads_raise_task_file_error(codec: str) -> None:
+    mask = random_mask(5000, 0.9, "ternary")
+    payload = encode_with(codec, mask, "ternary")
+    damaged = [payload[: len(payload) // 2], payload + b"x", b"", b"\xff" * len(payload)]
+    for bad in damaged:
+        try:
+            decoded = decode_mask(bad, codec, mask.numel(), "ternary")
+        except TaskFileError:
+            continue
+        # an undetectable flip in raw bits still has to decode to a valid mask
+        assert decoded.numel() == mask.numel() and set(decoded.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_bad_codec_kind_or_size() -> None:
+    with pytest.raises(TaskFileError, match="codec"):
+        decode_mask(b"", "zip", 0, "binary")
+    with pytest.raises(TaskFileError, match="kind"):
+        decode_mask(b"", "packed", 0, "quaternary")  # type: ignore[arg-type]
+    with pytest.raises(TaskFileError, match="need"):
+        decode_mask(b"\x00", "packed", 100, "binary")
+
+
+def test_sparse_header_lies_are_caught() -> None:
+    mask = random_mask(100, 0.9, "binary")
+    payload = _encode_sparse(mask, "binary")
+    with pytest.raises(TaskFileError):
+        decode_mask(payload, "sparse-lzma", 10, "binary")  # gaps point past the end
