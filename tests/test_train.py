@@ -1,0 +1,120 @@
+"""Training: methods, best-on-val selection, seeds, and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+from torch import nn
+
+import piggyback.train as train_module
+from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
+from piggyback.backbones import InputSpec
+from piggyback.data import TaskData, load_task_data
+from piggyback.train import TrainConfig, fit
+
+SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+
+@pytest.fixture(scope="module")
+def digits() -> TaskData:
+    pytest.importorskip("sklearn")
+    return load_task_data("digits", SPEC, seed=0, limit=96)
+
+
+def quick(method: str = "piggyback", **overrides: object) -> TrainConfig:
+    settings = {"method": method, "epochs": 2, "batch_size": 16, "lr": 5e-3, "head_lr": 5e-3}
+    return TrainConfig(**{**settings, "progress": False, "device": "cpu", **overrides})
+
+
+def digit_net() -> nn.Module:
+    """Random conv features, spatially flattened: enough for 8 px digits to be learnable."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten()]
+    return nn.Sequential(*layers, nn.Linear(16 * 8 * 8, 10)).eval()
+
+
+def test_piggyback_fit_writes_everything(digits: TaskData, tmp_path: Path) -> None:
+    model = PiggybackModel(digit_net())
+    result = fit(model, "digits", digits, quick(), tmp_path)
+    assert result.task_file == tmp_path / "digits.safetensors" and result.task_file.exists()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert result.best_epoch == max(rows, key=lambda r: r["val_top1"])["epoch"]
+    assert json.loads((tmp_path / "result.json").read_text())["test"]["top1"] == result.test["top1"]
+    assert result.test["top1"] > 0.5  # 10 classes: chance is 0.1
+    assert rows[-1]["kept"] < 1.0
+    assert fingerprint(model.base) == fingerprint(digit_net())
+
+
+def test_classifier_keeps_all_weights(digits: TaskData, tmp_path: Path) -> None:
+    model = PiggybackModel(make_tiny())
+    fit(model, "digits", digits, quick("classifier"), tmp_path)
+    assert model.mask_stats("digits").kept == 1.0
+
+
+def test_finetune_trains_a_copy(digits: TaskData, tmp_path: Path) -> None:
+    model = PiggybackModel(make_tiny())
+    result = fit(model, "digits", digits, quick("finetune"), tmp_path)
+    assert result.task_file.name == "digits.finetuned.safetensors"
+    assert fingerprint(model.base) == fingerprint(make_tiny())
+
+
+def test_same_seed_same_result(digits: TaskData, tmp_path: Path) -> None:
+    first = fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path / "a")
+    second = fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path / "b")
+    assert first.history == [{**r} for r in second.history]
+    assert first.test == second.test
+
+
+def test_resume_after_interrupt_matches_uninterrupted(
+    digits: TaskData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = quick(epochs=3)
+    whole_model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    whole = fit(whole_model, "d", digits, config, tmp_path / "whole")
+
+    real_save = train_module.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_crash(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            PiggybackModel(make_tiny(), MaskConfig(train_bn=True)),
+            "d",
+            digits,
+            config,
+            tmp_path / "cut",
+        )
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed_model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    resumed = fit(resumed_model, "d", digits, config, tmp_path / "cut", resume=True)
+
+    assert resumed.history == whole.history
+    assert resumed.test == whole.test
+    for name, mask in whole_model.masks("d").items():
+        assert torch.equal(resumed_model.masks("d")[name], mask), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "lora"}, "method='lora'"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
+        ({"device": "tpu:9"}, "device='tpu:9'"),
+    ],
+)
+def test_bad_settings(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**overrides)
