@@ -1,0 +1,347 @@
+"""The `piggyback` command: train, eval, predict, inspect, export, demo.
+
+Every bad argument ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, PiggybackError
+
+EXIT_USAGE = 2
+
+# Flags that `train` reads from a YAML config file (the file's keys use the same names).
+TRAIN_KEYS = (
+    "backbone", "weights", "pretrained", "data", "task", "out", "size", "limit", "augment",
+    "strict", "val_fraction", "test_fraction", "method", "epochs", "batch_size", "lr", "head_lr",
+    "lr_decay", "lr_decay_every", "weight_decay", "optimizer", "seed", "device", "num_workers",
+    "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume",
+)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "config", None):
+            # Settings from YAML become the defaults, so flags on the command line win.
+            args = build_parser(train_defaults=read_config_file(args.config)).parse_args(argv)
+        return int(args.handler(args) or 0)
+    except (PiggybackError, FileNotFoundError, yaml.YAMLError) as exc:
+        print(f"piggyback {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="piggyback", description="Add tasks to a frozen backbone by learning binary masks."
+    )
+    parser.add_argument("--version", action="version", version=f"piggyback {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="learn a task (mask + head) on a dataset")
+    train.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
+    _add_backbone_flags(train)
+    group = train.add_argument_group("data")
+    group.add_argument("--data", help="fashion_mnist | animals | digits | FOLDER | FILE.csv | ...")
+    group.add_argument("--task", help="task name (default: derived from --data)")
+    group.add_argument("--size", type=int, help="input resolution (default: the backbone's)")
+    group.add_argument("--limit", type=int, help="at most this many training images")
+    group.add_argument("--augment", action="store_true", help="light training augmentation")
+    group.add_argument("--strict", action="store_true", help="fail on unreadable images")
+    group.add_argument("--val-fraction", type=float, default=0.1)
+    group.add_argument("--test-fraction", type=float, default=0.1)
+    group = train.add_argument_group("training (defaults: the paper's recipe)")
+    group.add_argument(
+        "--method", default="piggyback", choices=("piggyback", "classifier", "finetune")
+    )
+    group.add_argument("--epochs", type=int, default=30)
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--lr", type=float, default=1e-4, help="scores (or all weights: finetune)")
+    group.add_argument("--head-lr", type=float, default=1e-4)
+    group.add_argument("--lr-decay", type=float, default=0.1)
+    group.add_argument("--lr-decay-every", type=int, default=15)
+    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    group.add_argument("--num-workers", type=int, default=0)
+    group = train.add_argument_group("masks")
+    group.add_argument("--threshold", type=float, default=5e-3)
+    group.add_argument("--threshold-fn", default="binarizer", choices=("binarizer", "ternarizer"))
+    group.add_argument("--init", default="1s", choices=("1s", "uniform", "weight_based"))
+    group.add_argument("--init-scale", type=float, default=1e-2)
+    group.add_argument("--train-bn", action="store_true", help="per-task BatchNorm")
+    group = train.add_argument_group("output")
+    group.add_argument("--out", type=Path, help="output folder (default: runs/TASK)")
+    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train, **(train_defaults or {}))
+
+    evaluate = commands.add_parser("eval", help="accuracy of a task file on a dataset split")
+    evaluate.add_argument("task_file", type=Path)
+    evaluate.add_argument("--data", help="dataset (default: the one it was trained on)")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_open_flags(evaluate)
+    evaluate.set_defaults(handler=_eval)
+
+    predict = commands.add_parser("predict", help="labels for images with a task file")
+    predict.add_argument("task_file", type=Path)
+    predict.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    predict.add_argument("--topk", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    _add_open_flags(predict)
+    predict.set_defaults(handler=_predict)
+
+    inspect = commands.add_parser("inspect", help="what a task file holds")
+    inspect.add_argument("task_file", type=Path)
+    inspect.add_argument("--plot", type=Path, help="write a PNG of the kept fraction per layer")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(handler=_inspect)
+
+    export = commands.add_parser("export", help="bake a task into a plain model file")
+    export.add_argument("task_file", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="FILE.safetensors (state_dict)")
+    export.add_argument("--onnx", type=Path, help="also write an ONNX file")
+    _add_open_flags(export)
+    export.set_defaults(handler=_export)
+
+    demo = commands.add_parser("demo", help="the embedded end-to-end demo (CPU, minutes)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--full", action="store_true", help="also full fine-tuning (slower)")
+    demo.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
+    demo.add_argument("--tasks", nargs="+", help="subset of fashion_mnist animals digits")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument(
+        "--backbone", help="embedded efficientnet_lite0 (default), torchvision or timm name"
+    )
+    group.add_argument("--weights", type=Path, help="local state_dict file for the backbone")
+    group.add_argument("--pretrained", action="store_true", help="download pretrained weights")
+
+
+def _add_open_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone (default: what the task file records)")
+    group.add_argument("--backbone")
+    group.add_argument("--weights", type=Path)
+    group.add_argument("--size", type=int)
+    group.add_argument("--device", default="auto")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """`train` settings from a YAML mapping whose keys are the flags' names."""
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
+    settings = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    unknown = sorted(set(settings) - set(TRAIN_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {unknown}; allowed: {sorted(TRAIN_KEYS)}")
+    return settings
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .backbones import DEFAULT_BACKBONE, create_backbone, input_spec
+    from .config import MaskConfig
+    from .data import load_task_data
+    from .model import PiggybackModel
+    from .train import TrainConfig, fit
+
+    if not args.data:
+        raise ConfigError("no dataset: pass --data (e.g. --data digits) or set data: in --config")
+    backbone_name = args.backbone or DEFAULT_BACKBONE
+    task = args.task or _task_name(args.data)
+    out = args.out or Path("runs") / task
+    train_config = TrainConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        head_lr=args.head_lr, lr_decay=args.lr_decay, lr_decay_every=args.lr_decay_every,
+        weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed,
+        device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
+    )  # fmt: skip
+    mask_config = MaskConfig(
+        threshold=args.threshold, threshold_fn=args.threshold_fn, init=args.init,
+        init_scale=args.init_scale, train_bn=args.train_bn,
+    )  # fmt: skip
+    backbone = create_backbone(backbone_name, pretrained=args.pretrained, weights=args.weights)
+    spec = input_spec(backbone, size=args.size)
+    data = load_task_data(
+        args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, limit=args.limit, augment=args.augment,
+        strict=args.strict,
+    )  # fmt: skip
+    settings = {key: _plain(getattr(args, key)) for key in TRAIN_KEYS}
+    settings.update(backbone=backbone_name, task=task, out=str(out), size=spec.size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
+    metadata = {
+        "backbone": backbone_name,
+        "weights": str(args.weights) if args.weights else None,
+        "size": spec.size,
+        "data": str(args.data),
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "limit": args.limit,
+    }
+    model = PiggybackModel(backbone, mask_config)
+    result = fit(model, task, data, train_config, out, resume=args.resume, metadata=metadata)
+    print(
+        f"{task} ({args.method}): best epoch {result.best_epoch}, val top-1 "
+        f"{result.val['top1']:.4f}, test top-1 {result.test['top1']:.4f} -> {result.task_file}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import load_task_data, make_loader
+    from .pipeline import open_task, task_source
+    from .train import evaluate, resolve_device
+
+    source = task_source(args.task_file)
+    model, task, spec = open_task(
+        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    data_name = args.data or source.get("data")
+    if not data_name:
+        raise ConfigError(f"{args.task_file} records no dataset; pass --data")
+    data = load_task_data(
+        data_name, spec, seed=source.get("seed", 0), limit=source.get("limit"),
+        val_fraction=source.get("val_fraction", 0.1),
+        test_fraction=source.get("test_fraction", 0.1),
+    )  # fmt: skip
+    info = model.task_info[task]
+    if data.num_classes != info.num_classes:
+        raise ConfigError(
+            f"task {task!r} has {info.num_classes} classes but {data_name!r} has "
+            f"{data.num_classes}: evaluate it on the dataset it was trained for"
+        )
+    device = resolve_device(args.device)
+    model.to(device)
+    loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
+    metrics = evaluate(model, loader, device, info.num_classes, progress=False)
+    if args.json:
+        print(json.dumps({"task": task, "split": args.split, **metrics}, indent=2))
+        return 0
+    print(f"task {task} on {data_name} [{args.split}, {metrics['samples']} images]")
+    print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}   loss {metrics['loss']:.4f}")
+    names = info.class_names or [str(i) for i in range(info.num_classes)]
+    for name, accuracy in zip(names, metrics["per_class"], strict=True):
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        print(f"  {name:<24} {shown}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .data import IMAGE_EXTENSIONS
+    from .pipeline import open_task, predict, read_image
+    from .train import resolve_device
+
+    paths: list[Path] = []
+    for path in args.images:
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            paths.append(path)
+    if not paths:
+        raise ConfigError(f"no images found in {[str(p) for p in args.images]}")
+    images = [read_image(p) for p in paths]
+    model, _, spec = open_task(
+        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    model.to(resolve_device(args.device))
+    results = predict(model, images, spec, topk=args.topk)
+    if args.json:
+        print(
+            json.dumps(
+                [{"image": str(p), **r.to_dict()} for p, r in zip(paths, results, strict=True)],
+                indent=2,
+            )
+        )
+        return 0
+    for path, result in zip(paths, results, strict=True):
+        ranked = ", ".join(
+            f"{label} {p:.3f}" for label, p in zip(result.labels, result.probabilities, strict=True)
+        )
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .report import describe_task_file, plot_layer_kept
+
+    report = describe_task_file(args.task_file)
+    if args.plot:
+        plot_layer_kept(report, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    mask = report["mask"]
+    backbone = report["backbone"]
+    print(f"task {report['task']}: {report['num_classes']} classes, ", end="")
+    print(f"file {report['file_bytes']:,} bytes")
+    print(f"backbone {backbone['class']} fingerprint {backbone['fingerprint'][:16]}")
+    print(
+        f"mask: {mask['kind']}, {mask['numel']:,} weights, kept {mask['kept']:.4f}, "
+        f"{mask['bits_per_weight']:.4f} bits/weight stored ({mask['codec']}), "
+        f"entropy floor {mask['entropy_bits_per_weight']:.4f}"
+    )
+    for layer in report["layers"]:
+        print(f"  {layer['name']:<48} {layer['numel']:>10,}  kept {layer['kept']:.4f}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_task
+
+    written = export_task(
+        args.task_file, args.out, onnx_path=args.onnx, backbone=args.backbone,
+        weights=args.weights, size=args.size,
+    )  # fmt: skip
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out, full=args.full, quick=args.quick, tasks=args.tasks, progress=not args.no_progress
+    )
+    return 0
+
+
+def _task_name(data: str) -> str:
+    stem = Path(str(data).rstrip("/")).stem or "task"
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in stem.split(":")[-1])
+    return cleaned or "task"
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

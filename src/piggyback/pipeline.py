@@ -1,0 +1,104 @@
+"""From task files and images to predictions: what the CLI and the server share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
+from .config import MaskConfig
+from .data import image_transform
+from .errors import DataError
+from .model import PiggybackModel
+from .store import read_task_file
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k labels of one image, best first."""
+
+    labels: list[str]
+    indices: list[int]
+    probabilities: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "indices": self.indices, "probabilities": self.probabilities}
+
+
+def task_source(path: str | Path) -> dict[str, Any]:
+    """What a task file says of the backbone and input it was trained with."""
+    meta, _ = read_task_file(path)
+    return {"config": meta["config"], **(meta.get("metadata") or {})}
+
+
+def open_task(
+    path: str | Path,
+    *,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    size: int | None = None,
+) -> tuple[PiggybackModel, str, InputSpec]:
+    """A model holding the task at `path` on the backbone it names (or the one given).
+
+    Returns the model (task active, eval mode), the task's name and the input spec
+    (the training resolution unless `size` overrides it).
+    """
+    source = task_source(path)
+    name = backbone or source.get("backbone") or DEFAULT_BACKBONE
+    weights = weights if weights is not None else source.get("weights")
+    net = create_backbone(name, weights=weights)
+    spec = input_spec(net, size=size or source.get("size"))
+    model = PiggybackModel(net, MaskConfig.from_dict(source["config"]))
+    task = model.load_task(path)
+    model.set_task(task)
+    return model.eval(), task, spec
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An RGB image from disk, or a DataError that names the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DataError(f"image {str(path)!r} does not exist") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read {str(path)!r} as an image: {exc}") from exc
+
+
+@torch.no_grad()
+def predict(
+    model: PiggybackModel,
+    images: list[Image.Image],
+    spec: InputSpec,
+    *,
+    task_names: list[str] | None = None,
+    topk: int = 5,
+) -> list[Prediction]:
+    """Top-k predictions for PIL images, on the active task or one task per image."""
+    if not images:
+        return []
+    transform = image_transform(spec)
+    device = next(model.parameters()).device
+    batch = torch.stack([transform(image) for image in images]).to(device)
+    logits = model(batch, task_names=task_names) if task_names else model(batch)
+    names = task_names or [model.active_task] * len(images)
+    results = []
+    for row, task in zip(logits, names, strict=True):
+        info = model.task_info[task] if task is not None else None
+        width = info.num_classes if info else row.shape[0]
+        probs = row[:width].float().softmax(0)
+        top = probs.topk(min(topk, width))
+        classes = info.class_names if info and info.class_names else None
+        indices = top.indices.tolist()
+        results.append(
+            Prediction(
+                labels=[classes[i] if classes else str(i) for i in indices],
+                indices=indices,
+                probabilities=[round(p, 6) for p in top.values.tolist()],
+            )
+        )
+    return results

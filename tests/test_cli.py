@@ -1,0 +1,135 @@
+"""The installed `piggyback` command, run as a user would: a subprocess on real offline data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+SCRIPT = str(Path(sys.executable).parent / "piggyback")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=600, check=False
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real run: the embedded backbone learns digits at 32 px, from a YAML config."""
+    pytest.importorskip("sklearn")
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "task.yaml"
+    config.write_text(
+        yaml.safe_dump({"data": "digits", "size": 32, "limit": 64, "epochs": 3, "lr": 1e-2})
+    )
+    result = run(
+        "train", "--config", str(config), "--epochs", "1", "--batch-size", "16",
+        "--head-lr", "1e-2", "--out", str(root / "run"), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "test top-1" in result.stdout
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_train_writes_resolved_settings(trained: Path) -> None:
+    settings = yaml.safe_load((trained / "settings.yaml").read_text())
+    assert settings["epochs"] == 1, "a flag must override the config file"
+    assert settings["lr"] == 1e-2 and settings["size"] == 32
+    assert settings["backbone"] == "efficientnet_lite0"
+    assert (trained / "digits.safetensors").exists()
+    assert (trained / "metrics.jsonl").read_text().count("\n") == 1
+
+
+@pytest.mark.slow
+def test_eval_predict_inspect_export(trained: Path, tmp_path: Path) -> None:
+    task_file = str(trained / "digits.safetensors")
+    evaluated = run("eval", task_file, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    result = json.loads((trained / "result.json").read_text())
+    assert metrics["top1"] == pytest.approx(result["test"]["top1"], abs=1e-9)
+    assert len(metrics["per_class"]) == 10
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.new("RGB", (16, 16), color=(index * 200, 30, 30)).save(images / f"{index}.png")
+    predicted = run("predict", task_file, str(images), "--topk", "2", "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    rows = json.loads(predicted.stdout)
+    assert len(rows) == 2 and all(len(r["labels"]) == 2 for r in rows)
+    assert all(r["labels"][0] in [str(i) for i in range(10)] for r in rows)
+
+    plot = tmp_path / "layers.png"
+    inspected = run("inspect", task_file, "--plot", str(plot))
+    assert inspected.returncode == 0, inspected.stderr
+    assert "bits/weight" in inspected.stdout and plot.stat().st_size > 1000
+
+    exported = tmp_path / "baked.safetensors"
+    result = run("export", task_file, "--out", str(exported))
+    assert result.returncode == 0, result.stderr
+    from piggyback.export import load_exported
+    from piggyback.pipeline import open_task
+
+    model, _, spec = open_task(task_file)
+    x = torch.randn(2, 3, spec.size, spec.size)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(exported)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> None:
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for index in range(3):
+            Image.new("RGB", (8, 8), color=(index * 40, 0, 0)).save(
+                tmp_path / label / f"{index}.png"
+            )
+    result = run("eval", str(trained / "digits.safetensors"), "--data", str(tmp_path))
+    assert_clean_error(result, "has 10 classes", "has 2")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("train", "--data", "digits", "--backbone", "resnet9000"), ("resnet9000",)),
+        (("train", "--data", "/no/such/folder"), ("/no/such/folder",)),
+        (("train", "--data", "digits", "--epochs", "0"), ("epochs",)),
+        (("train",), ("--data",)),
+        (("inspect", "/no/such.safetensors"), ("does not exist",)),
+        (("train", "--config", "/no/such.yaml"), ("no/such.yaml",)),
+    ],
+)
+def test_bad_arguments_give_one_line(args: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    assert_clean_error(run(*args), *needles)
+
+
+def test_corrupt_task_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    assert_clean_error(run("inspect", str(bad)), "not a readable safetensors file")
+    assert_clean_error(run("eval", str(bad), "--data", "digits"), "bad.safetensors")
+
+
+def test_unknown_config_keys(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("data: digits\nepoch: 3\n")
+    assert_clean_error(run("train", "--config", str(config)), "unknown settings ['epoch']")
