@@ -96,6 +96,23 @@ def test_eval_predict_inspect_export(trained: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_export_onnx_matches_torch(trained: Path, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from piggyback.pipeline import open_task
+
+    onnx_file = tmp_path / "digits.onnx"
+    result = run("export", str(trained / "digits.safetensors"), "--out", str(tmp_path / "b"),
+                 "--onnx", str(onnx_file))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model, _, spec = open_task(trained / "digits.safetensors")
+    x = torch.randn(3, 3, spec.size, spec.size)  # batch 3: the batch axis is dynamic
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> None:
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

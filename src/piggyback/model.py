@@ -168,12 +168,14 @@ class PiggybackModel(nn.Module):
         names = None if class_names is None else [str(c) for c in class_names]
         self.task_info[name] = TaskInfo(num_classes, names, train_bn, dict(metadata or {}))
 
-    def set_task(self, name: str | None) -> None:
-        """Make `name` the task that `forward` runs (None: the plain backbone)."""
+    def set_task(self, name: str | None) -> PiggybackModel:
+        """Make `name` the task that `forward` runs (None: the plain backbone); returns
+        the model so calls chain like `model.set_task("a").eval()`."""
         if name is not None:
             self._check_task(name)
         self._activate(name)
         self.active_task = name
+        return self
 
     def remove_task(self, name: str) -> None:
         self._check_task(name)
