@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lzma
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from piggyback.bits import (
     decode_mask,
     empirical_entropy_bits,
     encode_mask,
+    encodings,
     pack_mask,
     unpack_mask,
 )
@@ -32,12 +32,7 @@ def random_mask(numel: int, density: float, kind: str, seed: int = 0) -> torch.T
 
 
 def encode_with(codec: str, mask: torch.Tensor, kind: str) -> bytes:
-    packed = pack_mask(mask, kind).numpy().tobytes()
-    return {
-        "packed": lambda: packed,
-        "packed-lzma": lambda: lzma.compress(packed),
-        "sparse-lzma": lambda: _encode_sparse(mask, kind),
-    }[codec]()
+    return encodings(mask, kind)[codec]
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])

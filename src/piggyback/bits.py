@@ -79,13 +79,21 @@ def empirical_entropy_bits(mask: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- file codecs
+def encodings(mask: torch.Tensor, kind: MaskKind) -> dict[Codec, bytes]:
+    """A flat mask under every codec in `CODECS` (what `encode_mask` chooses from)."""
+    flat = mask.flatten().cpu()
+    packed = pack_mask(flat, kind).numpy().tobytes()
+    return {
+        "packed": packed,
+        "packed-lzma": lzma.compress(packed),
+        "sparse-lzma": _encode_sparse(flat, kind),
+    }
+
+
 def encode_mask(mask: torch.Tensor, kind: MaskKind) -> tuple[bytes, Codec]:
     """The smallest encoding of a flat mask among `CODECS`, and its codec name."""
-    packed = pack_mask(mask.flatten().cpu(), kind).numpy().tobytes()
-    candidates = [(packed, "packed"), (lzma.compress(packed), "packed-lzma")]
-    candidates.append((_encode_sparse(mask.flatten().cpu(), kind), "sparse-lzma"))
-    payload, codec = min(candidates, key=lambda candidate: len(candidate[0]))
-    return payload, codec  # type: ignore[return-value]
+    codec, payload = min(encodings(mask, kind).items(), key=lambda item: len(item[1]))
+    return payload, codec
 
 
 def _encode_sparse(flat: torch.Tensor, kind: MaskKind) -> bytes:

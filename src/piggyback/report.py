@@ -13,25 +13,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .bits import decode_mask
 from .model import LayerMaskStats
-from .store import read_task_file, write_atomic
+from .store import read_task_file, task_masks, write_atomic
 
 
 def describe_task_file(path: str | Path) -> dict[str, Any]:
     """Metadata plus per-layer mask statistics decoded from the file itself."""
     meta, tensors = read_task_file(path)
     mask = meta["mask"]
-    flat = decode_mask(
-        tensors["masks"].numpy().tobytes(), mask["codec"], mask["numel"], mask["kind"]
-    )
-    layers, offset = [], 0
-    for name, shape in mask["layers"]:
-        size = 1
-        for dim in shape:
-            size *= dim
-        layers.append(asdict(LayerMaskStats.of(name, flat[offset : offset + size])))
-        offset += size
+    layers = [asdict(LayerMaskStats.of(n, m)) for n, m in task_masks(meta, tensors).items()]
     head = {k: list(v.shape) for k, v in tensors.items() if k.startswith("head.")}
     return {
         "path": str(path),

@@ -158,6 +158,22 @@ def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     return meta, tensors
 
 
+def task_masks(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks of a task file read by `read_task_file`: int8, one per layer, weight-shaped."""
+    try:
+        mask = meta["mask"]
+        layers = [(str(layer), tuple(int(d) for d in shape)) for layer, shape in mask["layers"]]
+        payload = tensors["masks"].numpy().tobytes()
+        flat = decode_mask(payload, mask["codec"], int(mask["numel"]), mask["kind"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskFileError(f"task file metadata misses or garbles a mask field: {exc}") from exc
+    sizes = [int(np.prod(shape)) for _, shape in layers]
+    if sum(sizes) != flat.numel():
+        raise TaskFileError(f"mask layers hold {sum(sizes)} weights; the payload {flat.numel()}")
+    views = flat.split(sizes) if sizes else []
+    return {layer: view.view(shape) for (layer, shape), view in zip(layers, views, strict=True)}
+
+
 def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = None) -> str:
     """Add the task stored at `path` to `model` (as a stored, packed-mask task)."""
     meta, tensors = read_task_file(path)
@@ -165,8 +181,7 @@ def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = Non
         task = name or meta["task"]
         mask_meta = meta["mask"]
         layers = [(layer, tuple(shape)) for layer, shape in mask_meta["layers"]]
-        numel, kind = int(mask_meta["numel"]), mask_meta["kind"]
-        codec = mask_meta["codec"]
+        kind = mask_meta["kind"]
         num_classes = int(meta["num_classes"])
         stored_fingerprint = meta["backbone"]["fingerprint"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -181,12 +196,7 @@ def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = Non
     _check_layers(path, layers, model)
     if task in model.task_info:
         raise ConfigError(f"task {task!r} already exists in the model; pass name= to rename it")
-    flat = decode_mask(tensors["masks"].numpy().tobytes(), codec, numel, kind)
-    masks, offset = {}, 0
-    for layer, shape in layers:
-        size = int(np.prod(shape))
-        masks[layer] = flat[offset : offset + size].view(shape)
-        offset += size
+    masks = task_masks(meta, tensors)
     head_state = _prefixed(tensors, "head.")
     norm_states = {layer: _prefixed(tensors, f"norm.{layer}.") for layer in model.norms}
     norm_states = {k: v for k, v in norm_states.items() if v}
