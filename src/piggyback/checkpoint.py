@@ -26,6 +26,7 @@ def save_checkpoint(
     epoch: int,
     history: list[dict[str, Any]],
     best: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Everything `fit` needs to go on after `epoch` as if it had never stopped."""
     state = network.state_dict()
@@ -48,6 +49,7 @@ def save_checkpoint(
         "param_groups": optim["param_groups"],
         "optim_scalars": scalars,
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},  # {} when fp16 is off
     }
     path = directory / FILE
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keys: list[str],
     device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
     """Restore what `save_checkpoint` wrote; returns (epochs done, history, best)."""
     path = directory / FILE
@@ -89,6 +92,8 @@ def load_checkpoint(
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     best_state = {
         k[len("best.") :]: v.to(device) for k, v in tensors.items() if k.startswith("best.")
     }

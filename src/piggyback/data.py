@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -667,16 +667,24 @@ class _SkipEmptyLoader(DataLoader):
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader whose shuffling is seeded (same seed, same order of batches) and which
-    drops unreadable (None) items instead of failing the epoch."""
+    drops unreadable (None) items instead of failing the epoch. A `sampler` (e.g. a
+    DistributedSampler) sets the order instead of `shuffle`; `seed` still seeds workers."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     return _SkipEmptyLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         collate_fn=_collate_present,

@@ -3,6 +3,8 @@
 `fit` adds one task to a PiggybackModel with one of three methods, so they can be
 compared side by side: "piggyback" (learn the mask and the head), "classifier"
 (the head only) and "finetune" (every weight of a copy of the backbone).
+
+The same functions run one process or many under torchrun: see `piggyback.distributed`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError
@@ -28,12 +31,19 @@ from .store import write_atomic
 
 Method = Literal["piggyback", "classifier", "finetune"]
 METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
+Amp = Literal["bf16", "fp16"]
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Defaults are the paper's: Adam at 1e-4, batch 32, 30 epochs,
     lr x0.1 every 15 epochs, no weight decay.
+
+    `batch_size` is the global batch: under torchrun each of W processes takes
+    batch_size / W of it. `amp` runs forward passes under torch.autocast (scores, masks
+    and the optimizer stay fp32); "fp16" needs CUDA. `sync_bn` makes trainable
+    BatchNorm layers compute their statistics over the global batch (CUDA only).
 
     Example:
         >>> TrainConfig(epochs=2, method="classifier").lr_decay_every
@@ -53,6 +63,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    amp: Amp | None = None
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,11 +83,19 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
-        resolve_device(self.device)
+        device = resolve_device(self.device)
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ConfigError(f"amp={self.amp!r}; expected None, 'bf16' or 'fp16'")
+        if self.amp == "fp16" and device.type != "cuda":
+            raise ConfigError(f"amp='fp16' needs CUDA, the device is {device}; use 'bf16'")
+        if self.sync_bn and device.type != "cuda":
+            raise ConfigError(
+                f"sync_bn=True needs CUDA (PyTorch's SyncBatchNorm), the device is {device}"
+            )
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" means CUDA when present, else the CPU."""
+    """ "auto" means CUDA when present, else the CPU; under torchrun CUDA is cuda:LOCAL_RANK."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -84,7 +104,12 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"device={device!r} is not a torch device (try 'cpu' or 'cuda')") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} asked for, but CUDA is not available here")
-    return resolved
+    return distributed.local_device(resolved)
+
+
+def autocast(device: torch.device, amp: Amp | None) -> torch.autocast:
+    """Mixed precision for forward passes when `amp` is set; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or ""), enabled=amp is not None)
 
 
 @dataclass
@@ -114,22 +139,32 @@ def train_one_epoch(
     *,
     desc: str = "train",
     progress: bool = True,
+    amp: Amp | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss and accuracy."""
+    """One pass over `loader`; returns mean loss and accuracy (over every process's share).
+
+    `scaler` scales fp16 losses so small gradients do not underflow.
+    """
     model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
+        with autocast(device, amp):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    totals = distributed.all_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
+    total_loss, correct, seen = totals.tolist()
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
 
 
@@ -142,16 +177,22 @@ def evaluate(
     *,
     desc: str = "eval",
     progress: bool = True,
+    amp: Amp | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy, and mean loss, over `loader`."""
+    """Top-1, top-5 and per-class accuracy, and mean loss, over `loader`.
+
+    Under torch.distributed each process passes its own share of the set
+    (`distributed.shard`) and every process gets the metrics of the whole set.
+    """
     model.eval()
     total_loss, top1, top5, seen = 0.0, 0, 0, 0
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        with autocast(device, amp):
+            logits = model(images)
+        total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         right = ranked[:, 0] == labels
         top1 += int(right.sum())
@@ -159,6 +200,9 @@ def evaluate(
         seen += len(labels)
         counts += torch.bincount(labels.cpu(), minlength=num_classes)
         hits += torch.bincount(labels[right].cpu(), minlength=num_classes)
+    totals = distributed.all_sum(torch.tensor([total_loss, top1, top5, seen], dtype=torch.float64))
+    total_loss, (top1, top5, seen) = float(totals[0]), totals[1:].long().tolist()
+    hits, counts = distributed.all_sum(torch.stack([hits, counts]))
     per_class = [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
     return {
         "top1": top1 / max(seen, 1),
@@ -198,9 +242,12 @@ def prepare_task(
     groups = [{"params": rest, "lr": config.head_lr}]
     if config.method == "piggyback":
         groups.insert(0, {"params": scores, "lr": config.lr})
-    else:
-        for score in scores:
-            score.requires_grad_(False)
+    # Only what the optimizer trains requires grad (not the classifier's scores, not the
+    # heads of earlier tasks): DistributedDataParallel all-reduces exactly those.
+    model.requires_grad_(False)
+    for group in groups:
+        for param in group["params"]:
+            param.requires_grad_(True)
     return model, groups
 
 
@@ -227,18 +274,34 @@ def fit(
     state after the last finished epoch, for `resume=True`), the task file
     `TASK.safetensors` (piggyback/classifier) or `TASK.finetuned.safetensors`
     (finetune, a full model), and `result.json`.
+
+    Under torchrun every process calls `fit` inside `distributed.process_group` (the CLI
+    does): the network trains under DistributedDataParallel, each process on its share of
+    every global batch and of val/test; all return the same result, and only rank 0
+    writes files (its `task_file` is the only one set). For `resume`, every process
+    reads `out_dir/checkpoint`, so it must be on a filesystem all nodes share.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
+    if config.batch_size % world:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is the global batch; it must split evenly "
+            f"over the {world} processes"
+        )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     network, groups = prepare_task(model, task, data, config, train_bn=train_bn, metadata=metadata)
     network.to(device)
     optimizer = make_optimizer(groups, config)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, config.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     trainable = _trainable_state_keys(network, groups)
-    val_loader = make_loader(data.val, config.batch_size, shuffle=False)
-    test_loader = make_loader(data.test, config.batch_size, shuffle=False)
+    val_loader = make_loader(distributed.shard(data.val), config.batch_size, shuffle=False)
+    test_loader = make_loader(distributed.shard(data.test), config.batch_size, shuffle=False)
+    # One shuffle for all processes; a single process gets the same global batches.
+    sampler = distributed.train_sampler(data.train, seed=config.seed * 1_000_003)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "state": None}
@@ -246,55 +309,90 @@ def fit(
     checkpoint_dir = out / "checkpoint"
     if resume and checkpoint_dir.exists():
         start_epoch, history, best = load_checkpoint(
-            checkpoint_dir, network, optimizer, scheduler, trainable, device
+            checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
+        )
+    if not distributed.all_equal(start_epoch):
+        raise ConfigError(
+            f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
+            "the output folder must be on a filesystem that every node shares"
         )
     metrics_path = out / "metrics.jsonl"
-    for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # same stream whether resumed or not
-        loader = make_loader(
-            data.train,
-            config.batch_size,
-            shuffle=True,
-            seed=config.seed * 1_000_003 + epoch,
-            num_workers=config.num_workers,
-        )
-        desc = f"{task} {epoch + 1}/{config.epochs}"
-        train_metrics = train_one_epoch(
-            network, loader, optimizer, device, desc=desc, progress=config.progress
-        )
-        scheduler.step()
-        val = evaluate(network, val_loader, device, data.num_classes, progress=False)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_metrics["loss"],
-            "train_acc": train_metrics["acc"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if config.method != "finetune":
-            row["kept"] = model.mask_stats(task).kept
-        history.append(row)
-        if val["top1"] > best["top1"]:
-            best = {
-                "epoch": epoch + 1,
-                "top1": val["top1"],
-                "state": _copy_state(network, trainable),
-            }
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
-        save_checkpoint(
-            checkpoint_dir, network, optimizer, scheduler, trainable, epoch + 1, history, best
-        )
-        if config.progress:
-            tqdm.write(
-                f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
-                f"val {row['val_top1']:.3f}"
+    progress = config.progress and main
+    params = [p for group in groups for p in group["params"]]
+    trained_keys = set(trainable)
+    buffers = [b for name, b in network.named_buffers() if name in trained_keys]
+    with distributed.data_parallel(network, device, params, sync_bn=config.sync_bn) as trained:
+        for epoch in range(start_epoch, config.epochs):
+            # Same stream whether resumed or not; each process its own (augmentation).
+            epoch_seed = (config.seed * 1_000_003 + epoch) * world + rank
+            torch.manual_seed(epoch_seed)
+            sampler.set_epoch(epoch)
+            loader = make_loader(
+                data.train,
+                config.batch_size // world,
+                shuffle=False,
+                seed=epoch_seed,
+                num_workers=config.num_workers,
+                sampler=sampler,
             )
+            desc = f"{task} {epoch + 1}/{config.epochs}"
+            train_metrics = train_one_epoch(
+                trained,
+                loader,
+                optimizer,
+                device,
+                desc=desc,
+                progress=progress,
+                amp=config.amp,
+                scaler=scaler,
+            )
+            distributed.average_(buffers)
+            scheduler.step()
+            val = evaluate(
+                network, val_loader, device, data.num_classes, progress=False, amp=config.amp
+            )
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_metrics["loss"],
+                "train_acc": train_metrics["acc"],
+                "val_loss": val["loss"],
+                "val_top1": val["top1"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if config.method != "finetune":
+                row["kept"] = model.mask_stats(task).kept
+            history.append(row)
+            if val["top1"] > best["top1"]:
+                best = {
+                    "epoch": epoch + 1,
+                    "top1": val["top1"],
+                    "state": _copy_state(network, trainable),
+                }
+            if main:
+                write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+                save_checkpoint(
+                    checkpoint_dir,
+                    network,
+                    optimizer,
+                    scheduler,
+                    trainable,
+                    epoch + 1,
+                    history,
+                    best,
+                    scaler,
+                )
+            if progress:
+                tqdm.write(
+                    f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
+                    f"val {row['val_top1']:.3f}"
+                )
     if best["state"] is not None:
         network.load_state_dict(best["state"], strict=False)
-    val = evaluate(network, val_loader, device, data.num_classes, progress=False)
-    test = evaluate(network, test_loader, device, data.num_classes, progress=False)
-    task_file = save_result_model(model, network, task, config.method, out)
+    val = evaluate(network, val_loader, device, data.num_classes, progress=False, amp=config.amp)
+    test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
+    if config.method != "finetune":
+        model.freeze_task(task)  # in every process, so that all hold the same model
+    task_file = save_result_model(model, network, task, config.method, out) if main else None
     result = FitResult(
         task=task,
         method=config.method,
@@ -305,16 +403,18 @@ def fit(
         seconds=time.perf_counter() - started,
         task_file=task_file,
     )
-    write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
+    if main:
+        write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
+    distributed.barrier()  # the files are whole before any process goes on
     return result
 
 
 def save_result_model(
     model: PiggybackModel, network: nn.Module, task: str, method: str, out: Path
 ) -> Path:
-    """The task file for masked methods; a full safetensors model for fine-tuning."""
+    """The task file for masked methods (after `model.freeze_task`); a full safetensors
+    model for fine-tuning."""
     if method != "finetune":
-        model.freeze_task(task)
         return model.save_task(task, out / f"{task}.safetensors")
     from safetensors.torch import save as safetensors_save
 
