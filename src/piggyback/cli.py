@@ -10,11 +10,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import ConfigError, PiggybackError
+
+if TYPE_CHECKING:
+    from .model import PiggybackModel
+    from .train import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -23,7 +27,12 @@ TRAIN_KEYS = (
     "backbone", "weights", "pretrained", "data", "task", "out", "size", "limit", "augment",
     "strict", "val_fraction", "test_fraction", "method", "epochs", "batch_size", "lr", "head_lr",
     "lr_decay", "lr_decay_every", "weight_decay", "optimizer", "seed", "device", "num_workers",
-    "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume",
+    "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume", "amp", "sync_bn",
+)  # fmt: skip
+# `train-many` settings that hold for the whole run, so only at the top of its file.
+SHARED_KEYS = (
+    "backbone", "weights", "pretrained", "threshold", "threshold_fn", "init", "init_scale",
+    "device", "out",
 )  # fmt: skip
 
 
@@ -85,11 +94,28 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--init", default="1s", choices=("1s", "uniform", "weight_based"))
     group.add_argument("--init-scale", type=float, default=1e-2)
     group.add_argument("--train-bn", action="store_true", help="per-task BatchNorm")
+    group = train.add_argument_group("scaling out (torchrun; see docs/scaling.md)")
+    group.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA)")
+    group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
     group = train.add_argument_group("output")
     group.add_argument("--out", type=Path, help="output folder (default: runs/TASK)")
     group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train, **(train_defaults or {}))
+
+    many = commands.add_parser("train-many", help="learn several tasks in turn on one backbone")
+    many.add_argument(
+        "tasks_file", type=Path, metavar="TASKS.yaml", help="shared settings and a tasks: list"
+    )
+    many.add_argument("--out", type=Path, help="task T goes to OUT/T (default: runs)")
+    group = many.add_argument_group("overriding the file for every task")
+    group.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    group.add_argument("--amp", choices=("bf16", "fp16"))
+    group.add_argument("--sync-bn", action="store_true")
+    group.add_argument("--num-workers", type=int)
+    group.add_argument("--resume", action="store_true", help="continue each from OUT/T/checkpoint")
+    group.add_argument("--no-progress", action="store_true")
+    many.set_defaults(handler=_train_many)
 
     evaluate = commands.add_parser("eval", help="accuracy of a task file on a dataset split")
     evaluate.add_argument("task_file", type=Path)
@@ -128,6 +154,21 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     demo.add_argument("--tasks", nargs="+", help="subset of fashion_mnist animals digits")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=_demo)
+
+    serve = commands.add_parser("serve", help="serve a folder of task files over HTTP")
+    serve.add_argument("--tasks", type=Path, required=True, help="folder of task files")
+    serve.add_argument("--backbone", help="default: what the task files record")
+    serve.add_argument("--weights", type=Path, help="local state_dict file for the backbone")
+    serve.add_argument("--size", type=int, help="input size (default: each task's own)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-token", help="guards task upload/delete; or PIGGYBACK_ADMIN_TOKEN")
+    group = serve.add_argument_group("limits and batching (defaults: piggyback.serve.ServeConfig)")
+    group.add_argument("--max-upload-mb", type=float, help="largest request body")
+    group.add_argument("--batch-window-ms", type=float, help="wait this long to fill a batch")
+    group.add_argument("--max-batch", type=int, help="images per batch and per request")
+    group.add_argument("--cache-size", type=int, help="tasks kept baked (0: none)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -150,40 +191,145 @@ def _add_open_flags(parser: argparse.ArgumentParser) -> None:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """`train` settings from a YAML mapping whose keys are the flags' names."""
+    return _checked_settings(_read_mapping(path), str(path), TRAIN_KEYS)
+
+
+def read_tasks_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`train-many` settings: `train` settings shared by every task, and a `tasks:` list
+    whose items are a dataset name or a mapping of that task's own settings."""
+    settings = _read_mapping(path)
+    tasks = settings.pop("tasks", None)
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError(f"{path} needs a non-empty `tasks:` list of dataset names or mappings")
+    shared = _checked_settings(settings, str(path), TRAIN_KEYS)
+    entries = []
+    for number, item in enumerate(tasks, 1):
+        if not isinstance(item, (str, dict)):
+            raise ConfigError(
+                f"{path}: task {number} is a {type(item).__name__}; expected a dataset name "
+                "or a mapping of settings"
+            )
+        entry = _checked_settings(
+            {"data": item} if isinstance(item, str) else item, f"{path} task {number}", TRAIN_KEYS
+        )
+        shared_only = sorted(set(entry) & set(SHARED_KEYS))
+        if shared_only:
+            raise ConfigError(
+                f"{path}: task {number} sets {shared_only}, which every task shares; "
+                "set them at the top of the file"
+            )
+        entries.append(entry)
+    return shared, entries
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     loaded = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
+    return loaded
+
+
+def _checked_settings(loaded: dict[str, Any], where: str, allowed: Sequence[str]) -> dict[str, Any]:
     settings = {str(k).replace("-", "_"): v for k, v in loaded.items()}
-    unknown = sorted(set(settings) - set(TRAIN_KEYS))
+    unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {unknown}; allowed: {sorted(TRAIN_KEYS)}")
+        raise ConfigError(f"{where}: unknown settings {unknown}; allowed: {sorted(allowed)}")
     return settings
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .backbones import DEFAULT_BACKBONE, create_backbone, input_spec
-    from .config import MaskConfig
-    from .data import load_task_data
-    from .model import PiggybackModel
-    from .train import TrainConfig, fit
+    from .distributed import process_group
+    from .train import resolve_device
+
+    config = _train_config(args)
+    with process_group(resolve_device(args.device)):
+        _train_task(_build_model(args), args, config)
+    return 0
+
+
+def _train_many(args: argparse.Namespace) -> int:
+    from .distributed import process_group
+    from .train import resolve_device
+
+    runs = _task_runs(args)
+    configs = [_train_config(run) for run in runs]  # a bad setting fails before any training
+    with process_group(resolve_device(runs[0].device)):
+        model = _build_model(runs[0])
+        for run, config in zip(runs, configs, strict=True):
+            _train_task(model, run, config)
+    return 0
+
+
+def _task_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One `train` namespace per task of a `train-many` file: train's defaults, then the
+    file's shared settings, the task's own, and the command's flags."""
+    shared, entries = read_tasks_file(args.tasks_file)
+    root = Path(args.out or shared.pop("out", "runs"))
+    flags = {
+        key: getattr(args, key)
+        for key in ("device", "amp", "sync_bn", "num_workers", "resume", "no_progress")
+        if getattr(args, key) not in (None, False)
+    }
+    runs: list[argparse.Namespace] = []
+    for number, entry in enumerate(entries, 1):
+        run = build_parser(train_defaults={**shared, **entry, **flags}).parse_args(["train"])
+        if not run.data:
+            raise ConfigError(f"{args.tasks_file}: task {number} has no data: setting")
+        run.task = run.task or _task_name(run.data)
+        if run.task in {r.task for r in runs}:
+            raise ConfigError(
+                f"{args.tasks_file}: two tasks are named {run.task!r}; name one with task:"
+            )
+        run.out = root / run.task
+        runs.append(run)
+    return runs
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from .train import TrainConfig
 
     if not args.data:
         raise ConfigError("no dataset: pass --data (e.g. --data digits) or set data: in --config")
-    backbone_name = args.backbone or DEFAULT_BACKBONE
-    task = args.task or _task_name(args.data)
-    out = args.out or Path("runs") / task
-    train_config = TrainConfig(
+    return TrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, lr_decay=args.lr_decay, lr_decay_every=args.lr_decay_every,
         weight_decay=args.weight_decay, optimizer=args.optimizer, seed=args.seed,
         device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
+        amp=args.amp, sync_bn=args.sync_bn,
     )  # fmt: skip
+
+
+def _build_model(args: argparse.Namespace) -> PiggybackModel:
+    """The backbone, wrapped. Seeded: one without pretrained weights is then the same in
+    every run and in every process of a torchrun job."""
+    import torch
+
+    from .backbones import DEFAULT_BACKBONE, create_backbone
+    from .config import MaskConfig
+    from .model import PiggybackModel
+
     mask_config = MaskConfig(
         threshold=args.threshold, threshold_fn=args.threshold_fn, init=args.init,
         init_scale=args.init_scale, train_bn=args.train_bn,
     )  # fmt: skip
-    backbone = create_backbone(backbone_name, pretrained=args.pretrained, weights=args.weights)
-    spec = input_spec(backbone, size=args.size)
+    torch.manual_seed(args.seed)
+    backbone = create_backbone(
+        args.backbone or DEFAULT_BACKBONE, pretrained=args.pretrained, weights=args.weights
+    )
+    return PiggybackModel(backbone, mask_config)
+
+
+def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainConfig) -> None:
+    """Load one task's data and `fit` it; rank 0 alone writes settings and prints."""
+    from .backbones import DEFAULT_BACKBONE, input_spec
+    from .data import load_task_data
+    from .distributed import is_main
+    from .train import fit
+
+    backbone_name = args.backbone or DEFAULT_BACKBONE
+    task = args.task or _task_name(args.data)
+    out = args.out or Path("runs") / task
+    spec = input_spec(model.backbone, size=args.size)
     data = load_task_data(
         args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, limit=args.limit, augment=args.augment,
@@ -191,8 +337,9 @@ def _train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     settings = {key: _plain(getattr(args, key)) for key in TRAIN_KEYS}
     settings.update(backbone=backbone_name, task=task, out=str(out), size=spec.size)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
     metadata = {
         "backbone": backbone_name,
         "weights": str(args.weights) if args.weights else None,
@@ -203,13 +350,16 @@ def _train(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction,
         "limit": args.limit,
     }
-    model = PiggybackModel(backbone, mask_config)
-    result = fit(model, task, data, train_config, out, resume=args.resume, metadata=metadata)
-    print(
-        f"{task} ({args.method}): best epoch {result.best_epoch}, val top-1 "
-        f"{result.val['top1']:.4f}, test top-1 {result.test['top1']:.4f} -> {result.task_file}"
-    )
-    return 0
+    result = fit(
+        model, task, data, config, out, train_bn=args.train_bn, resume=args.resume,
+        metadata=metadata,
+    )  # fmt: skip
+    if is_main():
+        print(
+            f"{task} ({args.method}): best epoch {result.best_epoch}, val top-1 "
+            f"{result.val['top1']:.4f}, test top-1 {result.test['top1']:.4f} -> "
+            f"{result.task_file}"
+        )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -330,6 +480,29 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(
         args.out, full=args.full, quick=args.quick, tasks=args.tasks, progress=not args.no_progress
     )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve import ServeConfig, build_model, create_app, run
+    except ImportError as exc:
+        raise ConfigError(
+            f"`piggyback serve` needs {exc.name}: pip install fastapi uvicorn python-multipart"
+        ) from exc
+
+    flags = ("max_upload_mb", "batch_window_ms", "max_batch", "cache_size")
+    config = ServeConfig(
+        admin_token=args.admin_token or os.environ.get("PIGGYBACK_ADMIN_TOKEN"),
+        **{key: getattr(args, key) for key in flags if getattr(args, key) is not None},
+    )
+    model, spec = build_model(args.tasks, backbone=args.backbone, weights=args.weights)
+    app = create_app(model, spec, args.tasks, config, size=args.size)
+    if config.admin_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: anyone reaching {args.host} may add or delete tasks; set --admin-token")
+    run(app, host=args.host, port=args.port)
     return 0
 
 

@@ -1,0 +1,155 @@
+"""The HTTP routes: health, the task list, predictions, and adding or deleting tasks.
+
+Routes stay thin: `inputs` turns requests into images and files, the `Batcher` gathers
+concurrent predictions into batches, and the `TaskRegistry` runs them on one model.
+Every error a client can cause becomes a JSON ``{"error": message}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..backbones import InputSpec
+from ..errors import PiggybackError, TaskFileError, UnknownTaskError
+from ..model import PiggybackModel
+from ..pipeline import Prediction
+from .batcher import Batcher, Job, ShuttingDownError
+from .config import ServeConfig
+from .inputs import ApiError, parse_predict, parse_task_upload, read_body, to_batch
+from .registry import TaskEntry, TaskExistsError, TaskRegistry
+
+# Library errors a request can cause, by HTTP status; any other (a bad task name...) is 400.
+_STATUS: dict[type[Exception], int] = {
+    UnknownTaskError: 404,
+    TaskExistsError: 409,
+    TaskFileError: 400,
+    ShuttingDownError: 503,
+}
+
+
+def create_app(
+    model: PiggybackModel,
+    spec: InputSpec,
+    tasks_dir: str | Path,
+    config: ServeConfig | None = None,
+    *,
+    size: int | None = None,
+) -> FastAPI:
+    """A server for every task file in `tasks_dir`, loaded onto `model` (holding no task).
+
+    `spec` is the backbone's input; `size` overrides the size each task records.
+
+    Example:
+        >>> model, spec = build_model("tasks/")  # doctest: +SKIP
+        >>> uvicorn.run(create_app(model, spec, "tasks/"))  # doctest: +SKIP
+    """
+    config = config or ServeConfig()
+    registry = TaskRegistry(model, spec, tasks_dir, size=size, cache_size=config.cache_size)
+    batcher = Batcher(
+        registry.infer, window_s=config.batch_window_ms / 1000, max_batch=config.max_batch
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="piggyback", lifespan=lifespan)
+    app.state.registry = registry
+    app.state.batcher = batcher
+    _add_error_handlers(app)
+
+    def check_admin(request: Request) -> None:
+        if config.admin_token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "this needs the admin token: 'Authorization: Bearer TOKEN'")
+        if not secrets.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            raise ApiError(403, "the admin token is wrong")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "tasks": len(registry.names),
+            "cached": registry.cache.tasks,
+            "batches": batcher.batches,
+            "images": batcher.images,
+        }
+
+    @app.get("/tasks")
+    async def list_tasks() -> dict[str, Any]:
+        return {"tasks": [entry.to_dict() for entry in registry.entries()]}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        body = await read_body(request, config.max_upload_bytes)
+        query = await parse_predict(request, body, config.max_batch)
+        entry = registry.entry(query.task)
+        images = await run_in_threadpool(to_batch, query.images, entry.spec)
+        logits = await batcher.submit(Job(entry.name, images))
+        return {
+            "task": entry.name,
+            "predictions": [_top_k(row, entry, query.topk).to_dict() for row in logits],
+        }
+
+    @app.post("/tasks", status_code=201)
+    async def add_task(request: Request) -> dict[str, Any]:
+        check_admin(request)
+        body = await read_body(request, config.max_upload_bytes)
+        data = await parse_task_upload(request, body)
+        entry = await run_in_threadpool(registry.add, data)
+        return entry.to_dict()
+
+    @app.delete("/tasks/{name}")
+    async def delete_task(name: str, request: Request) -> dict[str, Any]:
+        check_admin(request)
+        await run_in_threadpool(registry.remove, name)
+        return {"deleted": name}
+
+    return app
+
+
+def _top_k(logits: torch.Tensor, entry: TaskEntry, k: int) -> Prediction:
+    """As `piggyback.pipeline.predict` ranks one row of logits (the task's classes only)."""
+    probabilities = logits.float().softmax(0)
+    top = probabilities.topk(min(k, logits.shape[0]))
+    indices = top.indices.tolist()
+    names = entry.class_names
+    return Prediction(
+        labels=[names[i] if names else str(i) for i in indices],
+        indices=indices,
+        probabilities=[round(p, 6) for p in top.values.tolist()],
+    )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error(exc.status, exc.message, headers)
+
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), exc.headers)
+
+    async def library_error(_: Request, exc: PiggybackError) -> JSONResponse:
+        status = next((s for t, s in _STATUS.items() if isinstance(exc, t)), 400)
+        return error(status, str(exc))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(PiggybackError, library_error)

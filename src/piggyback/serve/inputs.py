@@ -1,0 +1,196 @@
+"""From HTTP requests to images and task files, and every way a request can be wrong.
+
+Each bad request becomes an `ApiError` with the 4xx status and a message that says what
+to send instead: the server answers it and goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+
+from ..backbones import InputSpec
+from ..data import image_transform
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+DEFAULT_TOPK = 5  # as `piggyback.pipeline.predict`
+MAX_PIXELS = 25_000_000  # a 5000 x 5000 photo
+MAX_ASPECT = 64
+
+
+class ApiError(Exception):
+    """A client error: an HTTP status and what is wrong with the request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A request to `POST /predict`: one task, encoded images, how many labels each."""
+
+    task: str
+    images: list[bytes]
+    topk: int
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked body declares no length
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_predict(request: Request, body: bytes, max_images: int) -> PredictRequest:
+    """A multipart form (`task`, `topk`, files `images`) or JSON (base64 `images`)."""
+    kind = _media_type(request)
+    if kind == MULTIPART:
+        form = await _form(request, body)
+        try:
+            files = form.getlist("images")
+            if not all(isinstance(f, UploadFile) for f in files):
+                raise ApiError(422, "'images' must be file parts of the multipart form")
+            images = [await f.read() for f in files if isinstance(f, UploadFile)]
+            task, topk = form.get("task"), form.get("topk", DEFAULT_TOPK)
+        finally:
+            await form.close()
+        return _checked(task, images, _integer(topk), max_images)
+    if kind == JSON:
+        payload = _json(body)
+        encoded = payload.get("images")
+        if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
+            raise ApiError(422, "'images' must be a list of base64 strings")
+        images = [_base64(text, index) for index, text in enumerate(encoded)]
+        return _checked(payload.get("task"), images, payload.get("topk", DEFAULT_TOPK), max_images)
+    raise _unsupported(kind, (MULTIPART, JSON))
+
+
+async def parse_task_upload(request: Request, body: bytes) -> bytes:
+    """A task file as a multipart file part named `file`, or as the raw body."""
+    kind = _media_type(request)
+    if kind == OCTET_STREAM:
+        return body
+    if kind == MULTIPART:
+        form = await _form(request, body)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "send the task file as a multipart file part named 'file'")
+            return await upload.read()
+        finally:
+            await form.close()
+    raise _unsupported(kind, (MULTIPART, OCTET_STREAM))
+
+
+def decode_image(data: bytes, what: str) -> Image.Image:
+    """An RGB image from encoded bytes (PNG, JPEG, ... whatever PIL reads).
+
+    A few kilobytes of PNG can decode to gigabytes, and a 1 x 100,000 strip resizes to
+    a huge one: both are refused from the header, before decoding.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_geometry(image, what)
+            return image.convert("RGB")
+    except ApiError:
+        raise
+    except Exception as exc:  # PIL's decoders raise many kinds on malformed data
+        raise ApiError(400, f"cannot decode {what} as an image ({type(exc).__name__})") from exc
+
+
+def _check_geometry(image: Image.Image, what: str) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ApiError(413, f"{what} has {width}x{height} pixels; at most {MAX_PIXELS:,}")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ApiError(422, f"{what} is {width}x{height}; at most {MAX_ASPECT}:1 is accepted")
+
+
+def to_batch(images: Iterable[bytes], spec: InputSpec) -> torch.Tensor:
+    """Decode and preprocess as `piggyback.pipeline.predict` does: ``[n, 3, size, size]``."""
+    transform = image_transform(spec)
+    return torch.stack(
+        [transform(decode_image(data, f"image {i}")) for i, data in enumerate(images)]
+    )
+
+
+async def _form(request: Request, body: bytes) -> FormData:
+    """Parse a multipart body already read (and size-checked) by `read_body`."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await Request(request.scope, replay).form()
+
+
+def _integer(text: Any) -> Any:
+    """A form field as an int when it spells one; else as sent, for `_checked` to refuse."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ApiError(422, f"the JSON body must be an object, got {type(payload).__name__}")
+    return payload
+
+
+def _base64(text: str, index: int) -> bytes:
+    """Decode one image; a data URL's ``data:image/png;base64,`` prefix is allowed."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, f"image {index} is not valid base64: {exc}") from exc
+
+
+def _checked(task: Any, images: list[bytes], topk: Any, max_images: int) -> PredictRequest:
+    if not isinstance(task, str) or not task:
+        raise ApiError(422, "name the task: a non-empty 'task' field")
+    if not images:
+        raise ApiError(422, "send at least one image in 'images'")
+    if len(images) > max_images:
+        raise ApiError(413, f"{len(images)} images in one request; at most {max_images}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ApiError(422, f"'topk' must be an integer >= 1, got {topk!r}")
+    return PredictRequest(task, images, topk)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds the limit of {limit:,} bytes ({size:,} seen)")
+
+
+def _unsupported(kind: str, allowed: tuple[str, ...]) -> ApiError:
+    return ApiError(415, f"content type {kind or 'none'!r} is not accepted; send {allowed}")

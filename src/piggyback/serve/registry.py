@@ -1,0 +1,307 @@
+"""The served tasks: one backbone, every task file of a folder, and a cache of baked tasks.
+
+The backbone is held once, inside one `PiggybackModel`; each task adds its bit-packed
+mask (1-2 bits per masked weight) and its head. Running a task on the masked model
+costs a task switch (unpack the mask and form W * mask, layer by layer), which the
+masked layers cache for the last task only, so a mix of tasks would switch on nearly
+every batch. The hottest tasks are therefore also kept baked (`PiggybackModel.bake`: a
+plain copy of the backbone with W * mask in it), which runs at exactly the plain
+backbone's speed. Other tasks still run, through the masked model, in one mixed-task
+forward pass. Memory is about 2 + `cache_size` backbones' weights (the frozen one, the
+masked layers' cached W * mask, one per baked task) plus each task's mask and head.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
+from ..config import MaskConfig
+from ..errors import ConfigError, TaskFileError, TaskFileNotFoundError, UnknownTaskError
+from ..model import PiggybackModel
+from ..store import SUFFIX, read_task_file, write_atomic
+from .batcher import Job
+
+
+class TaskExistsError(ConfigError):
+    """A task file names a task (or a file name) the server already holds."""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """What the server knows of one task beyond the model: its file and its input."""
+
+    name: str
+    path: Path
+    file_bytes: int
+    num_classes: int
+    class_names: list[str] | None
+    spec: InputSpec
+    mask: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "classes": self.class_names,
+            "file": self.path.name,
+            "file_bytes": self.file_bytes,
+            "bits_per_weight": self.mask.get("bits_per_weight"),
+            "mask_kind": self.mask.get("kind"),
+            "kept": self.mask.get("kept"),
+            "input_size": self.spec.size,
+        }
+
+
+def task_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise TaskFileNotFoundError(f"task directory {str(directory)!r} does not exist")
+    return sorted(directory.glob(f"*{SUFFIX}"))
+
+
+def build_model(
+    directory: str | Path, *, backbone: str | None = None, weights: str | Path | None = None
+) -> tuple[PiggybackModel, InputSpec]:
+    """An empty model for the tasks in `directory`, and its backbone's input spec.
+
+    The backbone, its weights and the mask config default to what the first task file
+    records (as `piggyback predict` does); an empty folder gets the embedded default.
+    """
+    files = task_files(Path(directory))
+    meta = read_task_file(files[0])[0] if files else {}
+    recorded = meta.get("metadata") or {}
+    net = create_backbone(
+        backbone or recorded.get("backbone") or DEFAULT_BACKBONE,
+        weights=weights if weights is not None else recorded.get("weights"),
+    )
+    config = MaskConfig.from_dict(meta["config"]) if meta else MaskConfig()
+    return PiggybackModel(net, config).eval(), input_spec(net)
+
+
+class BakedCache:
+    """Baked models of the hottest tasks: LRU eviction, frequency admission.
+
+    Baking costs about three task switches, so a task is admitted only into a free slot
+    or when it has been used more often than the least recently used task it would
+    evict; otherwise it runs masked. A mix of more equally hot tasks than slots thus
+    keeps a stable cached subset instead of baking on every batch, and a one-off request
+    never evicts a hot task. Use counts halve every `16 * capacity` uses, so a new hot
+    set takes over.
+
+    Example:
+        >>> cache = BakedCache(1, bake=lambda task: nn.Identity())
+        >>> cache.get("a") is not None, cache.get("b") is None, cache.tasks
+        (True, True, ['a'])
+    """
+
+    def __init__(self, capacity: int, bake: Callable[[str], nn.Module]) -> None:
+        self.capacity = capacity
+        self._bake = bake
+        self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._uses: Counter[str] = Counter()
+        self._since_aging = 0
+
+    @property
+    def tasks(self) -> list[str]:
+        """Cached tasks, least recently used first."""
+        return list(self._models)
+
+    def get(self, task: str) -> nn.Module | None:
+        """The baked model of `task`, baking it if it earns a slot; None: run it masked."""
+        if self.capacity == 0:
+            return None
+        self._count(task)
+        if task in self._models:
+            self._models.move_to_end(task)
+            return self._models[task]
+        if len(self._models) >= self.capacity:
+            victim = next(iter(self._models))
+            if self._uses[task] <= self._uses[victim]:
+                return None
+            del self._models[victim]
+        self._models[task] = self._bake(task)
+        return self._models[task]
+
+    def discard(self, task: str) -> None:
+        self._models.pop(task, None)
+        self._uses.pop(task, None)
+
+    def _count(self, task: str) -> None:
+        self._uses[task] += 1
+        self._since_aging += 1
+        if self._since_aging >= 16 * self.capacity:
+            self._uses = Counter({t: n // 2 for t, n in self._uses.items() if n > 1})
+            self._since_aging = 0
+
+
+class TaskRegistry:
+    """Every task file of `directory`, loaded onto one model, and the way to run them.
+
+    Each task is fed at `size` if given, else at the size its file records (what it was
+    trained at), else at `spec.size`. One lock guards the model: batches, uploads and
+    deletions take turns, so a task never changes under a running batch.
+
+    Example:
+        >>> registry = TaskRegistry(model, spec, "tasks/")  # doctest: +SKIP
+        >>> registry.infer([Job("birds", images)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: PiggybackModel,
+        spec: InputSpec,
+        directory: str | Path,
+        *,
+        size: int | None = None,
+        cache_size: int = 4,
+    ) -> None:
+        if model.tasks:
+            raise ConfigError(
+                f"the model already holds tasks {model.tasks}; pass one without tasks, the "
+                "registry loads them from the task directory"
+            )
+        self.model = model.eval()
+        self.spec = spec
+        self.size = size
+        self.directory = Path(directory)
+        self.cache = BakedCache(cache_size, model.bake)
+        self._entries: dict[str, TaskEntry] = {}
+        self._lock = threading.Lock()
+        for path in task_files(self.directory):
+            entry = self._load(path, read_task_file(path)[0])
+            self._entries[entry.name] = entry
+
+    # ------------------------------------------------------------------ tasks
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[TaskEntry]:
+        return list(self._entries.values())
+
+    def entry(self, name: str) -> TaskEntry:
+        found = self._entries.get(name)
+        if found is None:
+            raise UnknownTaskError(f"no task {name!r}; this server holds {self.names}")
+        return found
+
+    def add(self, data: bytes) -> TaskEntry:
+        """Validate an uploaded task file on the model, then persist it into the folder.
+
+        The library checks it all (safetensors, checksum, backbone fingerprint, layer
+        shapes) before anything is written, so a bad file leaves the folder untouched.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / f"upload{SUFFIX}"
+            staged.write_bytes(data)
+            try:
+                return self._add(staged, data)
+            except TaskFileError as exc:  # name the upload, not its temporary path
+                raise type(exc)(str(exc).replace(str(staged), "the uploaded file")) from exc
+
+    def _add(self, staged: Path, data: bytes) -> TaskEntry:
+        meta = read_task_file(staged)[0]
+        with self._lock:
+            entry = self._load(staged, meta)  # validates the name before it becomes a path
+            target = self.directory / f"{entry.name}{SUFFIX}"
+            try:
+                if target.exists():
+                    raise TaskExistsError(f"{target.name} already exists in the task folder")
+                write_atomic(target, data)
+            except BaseException:
+                self._unload(entry.name)
+                raise
+            entry = replace(entry, path=target)
+            self._entries[entry.name] = entry
+            return entry
+
+    def remove(self, name: str) -> None:
+        """Delete a task's file, then the task: a failed delete leaves it served."""
+        with self._lock:
+            self.entry(name).path.unlink(missing_ok=True)
+            self._unload(name)
+
+    # ------------------------------------------------------------- inference
+    @torch.no_grad()
+    def infer(self, jobs: list[Job]) -> list[torch.Tensor | Exception]:
+        """Logits for each job (only its task's classes), or the error of that job alone.
+
+        Jobs are grouped by input shape and by how they run: each cached task through
+        its baked model, the others together through the masked model with
+        `task_names`. Either way a sample's logits are those of running it alone.
+        """
+        outcomes: list[torch.Tensor | Exception] = [
+            UnknownTaskError(f"task {job.task!r} was deleted") for job in jobs
+        ]
+        with self._lock:
+            live = [i for i, job in enumerate(jobs) if job.task in self._entries]
+            tasks = dict.fromkeys(jobs[i].task for i in live)
+            baked = {task: self.cache.get(task) for task in tasks}
+            groups: dict[tuple[nn.Module | None, torch.Size], list[int]] = {}
+            for i in live:
+                key = (baked[jobs[i].task], jobs[i].images.shape[1:])
+                groups.setdefault(key, []).append(i)
+            device = next(self.model.parameters()).device
+            for (module, _), indices in groups.items():
+                batch = torch.cat([jobs[i].images for i in indices]).to(device)
+                if module is None:
+                    names = [jobs[i].task for i in indices for _ in range(jobs[i].rows)]
+                    logits = self.model(batch, task_names=names)
+                else:
+                    logits = module(batch)
+                parts = logits.cpu().split([jobs[i].rows for i in indices])
+                for i, part in zip(indices, parts, strict=True):
+                    outcomes[i] = part[:, : self._entries[jobs[i].task].num_classes]
+        return outcomes
+
+    # --------------------------------------------------------------- helpers
+    def _load(self, path: Path, meta: dict[str, Any]) -> TaskEntry:
+        """Load the task file at `path` (whose metadata is `meta`) onto the model, all or
+        nothing; the caller lists its entry."""
+        _check_fields(path, meta)
+        existing = self._entries.get(meta["task"])
+        if existing is not None:
+            raise TaskExistsError(
+                f"task {meta['task']!r} is already served, from {existing.path.name}; "
+                "remove it first"
+            )
+        name = self.model.load_task(path)
+        info = self.model.task_info[name]
+        try:
+            spec = replace(self.spec, size=self.size or info.metadata.get("size") or self.spec.size)
+        except ConfigError as exc:
+            self.model.remove_task(name)
+            raise TaskFileError(f"{path} records an unusable input size: {exc}") from exc
+        entry = TaskEntry(
+            name=name,
+            path=path,
+            file_bytes=path.stat().st_size,
+            num_classes=info.num_classes,
+            class_names=info.class_names,
+            spec=spec,
+            mask={k: v for k, v in meta["mask"].items() if k != "layers"},
+        )
+        return entry
+
+    def _unload(self, name: str) -> None:
+        self._entries.pop(name, None)
+        self.cache.discard(name)
+        self.model.remove_task(name)
+
+
+def _check_fields(path: Path, meta: dict[str, Any]) -> None:
+    """Types of the metadata that `store.load_task` hands on unchecked (an upload may be
+    crafted: the checksum covers the tensors only), so a bad one is a TaskFileError."""
+    expected = {"task": (str,), "class_names": (list, type(None)), "metadata": (dict, type(None))}
+    for key, types in expected.items():
+        if not isinstance(meta.get(key), types):
+            raise TaskFileError(f"{path}: metadata field {key!r} is malformed")

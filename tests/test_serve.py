@@ -1,0 +1,448 @@
+"""`piggyback serve`: a real uvicorn server on loopback, called over real HTTP.
+
+Predictions must equal the library's own `pipeline.predict`, one image at a time, on
+every path the server has (masked mixed batches, baked cached tasks, per-task sizes);
+bad requests and bad uploads must get a 4xx and leave the server serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from conftest import make_tiny
+from PIL import Image
+from safetensors.torch import save as safetensors_save
+from test_model import train_steps
+
+import piggyback
+from piggyback import MaskConfig, PiggybackModel, read_task_file
+from piggyback.backbones import InputSpec
+from piggyback.cli import main
+from piggyback.pipeline import predict
+from piggyback.serve import (
+    BakedCache,
+    Batcher,
+    Job,
+    ServeConfig,
+    TaskExistsError,
+    TaskRegistry,
+    create_app,
+    running,
+)
+from piggyback.store import FORMAT
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = InputSpec(16, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2), "bilinear")
+TASKS = {"a": 3, "b": 5, "c": 4}  # c trains its own norms and records a 12 px input size
+
+
+def make_tasks(seed: int = 0) -> PiggybackModel:
+    """Three trained tasks on TinyNet: class names, per-task norms, another input size."""
+    torch.manual_seed(seed)
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    x = torch.randn(6, 3, 16, 16)
+    model.add_task("a", 3, class_names=["cat", "dog", "owl"])
+    model.add_task("b", 5)
+    model.add_task("c", 4, train_bn=True, metadata={"size": 12})
+    for task in TASKS:
+        train_steps(model, task, x, steps=3)
+        model.freeze_task(task)
+    return model
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tasks")
+    piggyback.save(make_tasks(), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reference(task_dir: Path) -> PiggybackModel:
+    """The library's own model of the same files, for what the server must answer."""
+    return piggyback.load(task_dir, make_tiny())
+
+
+def spec_of(model: PiggybackModel, task: str) -> InputSpec:
+    return replace(SPEC, size=model.task_info[task].metadata.get("size") or SPEC.size)
+
+
+def expected(model: PiggybackModel, task: str, data: bytes, topk: int) -> dict[str, Any]:
+    """`pipeline.predict` on one image alone, the reference for every answer."""
+    model.set_task(task)
+    with Image.open(io.BytesIO(data)) as image:
+        (result,) = predict(model, [image.convert("RGB")], spec_of(model, task), topk=topk)
+    return result.to_dict()
+
+
+def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["labels"] == want["labels"] and got["indices"] == want["indices"]
+    assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
+def png(seed: int, size: tuple[int, int] = (20, 14)) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+IMAGES = [png(i, size) for i, size in enumerate([(20, 14), (16, 16), (9, 30), (32, 24)] * 2)]
+
+
+def blank(mode: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextmanager
+def server(directory: Path, **settings: Any) -> Iterator[str]:
+    config = ServeConfig(**{"max_upload_mb": 0.1, "max_batch": 8, **settings})
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    with running(create_app(model, SPEC, directory, config)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def url(task_dir: Path) -> Iterator[str]:
+    with server(task_dir, cache_size=1) as base:
+        yield base
+
+
+def multipart(task: str, images: list[bytes], **fields: Any) -> dict[str, Any]:
+    return {
+        "data": {"task": task, **{k: str(v) for k, v in fields.items()}},
+        "files": [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+    }
+
+
+# ------------------------------------------------------------------ reading
+def test_health_and_task_list(url: str, task_dir: Path) -> None:
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    tasks = {t["name"]: t for t in httpx.get(f"{url}/tasks").json()["tasks"]}
+    assert sorted(tasks) == sorted(TASKS)
+    assert tasks["a"]["classes"] == ["cat", "dog", "owl"] and tasks["b"]["classes"] is None
+    for name, classes in TASKS.items():
+        meta = read_task_file(task_dir / f"{name}.safetensors")[0]
+        assert tasks[name]["num_classes"] == classes
+        assert tasks[name]["file_bytes"] == (task_dir / f"{name}.safetensors").stat().st_size
+        assert tasks[name]["bits_per_weight"] == meta["mask"]["bits_per_weight"] <= 1
+    assert tasks["c"]["input_size"] == 12 and tasks["a"]["input_size"] == 16
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_predictions_equal_the_library(url: str, reference: PiggybackModel, task: str) -> None:
+    images = IMAGES[:3]
+    by_form = httpx.post(f"{url}/predict", **multipart(task, images, topk=2))
+    assert by_form.status_code == 200, by_form.text
+    encoded = [base64.b64encode(data).decode() for data in images]
+    encoded[0] = "data:image/png;base64," + encoded[0]
+    by_json = httpx.post(f"{url}/predict", json={"task": task, "images": encoded, "topk": 2})
+    assert by_json.status_code == 200, by_json.text
+    for response in (by_form, by_json):
+        rows = response.json()["predictions"]
+        assert response.json()["task"] == task and len(rows) == len(images)
+        for row, data in zip(rows, images, strict=True):
+            assert_same(row, expected(reference, task, data, topk=2))
+    if task == "a":
+        assert set(by_form.json()["predictions"][0]["labels"]) <= {"cat", "dog", "owl"}
+
+
+@pytest.mark.parametrize("cache_size", [0, 1, 4])
+def test_concurrent_mixed_requests(
+    task_dir: Path, reference: PiggybackModel, cache_size: int
+) -> None:
+    """200 requests at once over three tasks: masked, baked and mixed paths all agree."""
+    rng = random.Random(cache_size)
+    plan = [(rng.choice(sorted(TASKS)), rng.randrange(len(IMAGES))) for _ in range(200)]
+
+    async def call_all(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/predict", **multipart(task, [IMAGES[i]], topk=3))
+                    for task, i in plan
+                )
+            )
+
+    with server(task_dir, cache_size=cache_size) as base:
+        responses = asyncio.run(call_all(base))
+        health = httpx.get(f"{base}/health").json()
+    for (task, i), response in zip(plan, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert_same(response.json()["predictions"][0], expected(reference, task, IMAGES[i], 3))
+    assert health["images"] == 200 and health["batches"] < 200, "requests were not batched"
+    assert len(health["cached"]) <= cache_size
+
+
+# ----------------------------------------------------------------- bad input
+class Chunked:
+    """A 200 kB body sent in chunks, so without a Content-Length; fresh on every send."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (b"x" * 10_000 for _ in range(20))
+
+
+BAD_PREDICTS: list[tuple[str, dict[str, Any], int]] = [
+    ("unknown task", multipart("nope", IMAGES[:1]), 404),
+    ("unknown task, json", {"json": {"task": "nope", "images": ["AAAA"]}}, 404),
+    ("not an image", multipart("a", [b"not an image at all"]), 400),
+    ("truncated png", multipart("a", [IMAGES[0][:40]]), 400),
+    ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
+    ("no content type", {"content": b"hello"}, 415),
+    ("broken json", {"content": b"{", "headers": {"content-type": "application/json"}}, 400),
+    ("json list", {"json": ["a"]}, 422),
+    ("no task", {"json": {"images": ["AAAA"]}}, 422),
+    ("no images", {"json": {"task": "a", "images": []}}, 422),
+    ("bad base64", {"json": {"task": "a", "images": ["%%%"]}}, 400),
+    ("images not strings", {"json": {"task": "a", "images": [1]}}, 422),
+    ("a pixel bomb", multipart("a", [blank("1", (6000, 5000))]), 413),
+    ("a thin strip", multipart("a", [blank("L", (2000, 10))]), 422),
+    ("topk 0", {"json": {"task": "a", "images": ["AAAA"], "topk": 0}}, 422),
+    ("topk text", multipart("a", IMAGES[:1], topk="many"), 422),
+    ("images as text", {"data": {"task": "a", "images": "x"}, "files": {"f": b"1"}}, 422),
+    ("too many images", multipart("a", IMAGES + IMAGES[:1]), 413),
+    ("body over the limit", multipart("a", [b"x" * 200_000]), 413),
+    ("chunked body over the limit", {"content": Chunked()}, 413),
+    (
+        "broken multipart",
+        {"content": b"--x\r\nbad", "headers": {"content-type": "multipart/form-data"}},
+        400,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status"),
+    [(args, status) for _, args, status in BAD_PREDICTS],
+    ids=[name for name, _, _ in BAD_PREDICTS],
+)
+def test_bad_requests_get_a_4xx(
+    url: str, reference: PiggybackModel, request_args: dict[str, Any], status: int
+) -> None:
+    response = httpx.post(f"{url}/predict", **request_args)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    good = httpx.post(f"{url}/predict", **multipart("b", IMAGES[:1]))
+    assert good.status_code == 200, "the server must keep serving after a bad request"
+    assert_same(good.json()["predictions"][0], expected(reference, "b", IMAGES[0], 5))
+
+
+def test_unknown_route_is_a_json_404(url: str) -> None:
+    response = httpx.get(f"{url}/nope")
+    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+
+
+# ---------------------------------------------------------- adding tasks
+@pytest.fixture
+def own_dir(task_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the task folder that a test may change."""
+    return Path(shutil.copytree(task_dir, tmp_path / "tasks"))
+
+
+def new_task_file(directory: Path, name: str = "d", seed: int = 0) -> bytes:
+    """A task `name` trained on TinyNet (of backbone seed `seed`), as file bytes."""
+    model = PiggybackModel(make_tiny(seed), MaskConfig())
+    model.add_task(name, 6)
+    train_steps(model, name, torch.randn(4, 3, 16, 16))
+    return model.save_task(name, directory / f"{name}-{seed}.safetensors").read_bytes()
+
+
+def test_upload_predict_delete(own_dir: Path, tmp_path: Path) -> None:
+    data = new_task_file(tmp_path)
+    files = {"file": ("d.safetensors", data, "application/octet-stream")}
+    with server(own_dir) as base:
+        created = httpx.post(f"{base}/tasks", files=files)
+        assert created.status_code == 201, created.text
+        assert created.json()["name"] == "d" and created.json()["num_classes"] == 6
+        assert (own_dir / "d.safetensors").read_bytes() == data
+        assert "d" in [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
+
+        reference = PiggybackModel(make_tiny(), MaskConfig())
+        reference.load_task(own_dir / "d.safetensors")
+        answer = httpx.post(f"{base}/predict", **multipart("d", IMAGES[:2], topk=4))
+        assert answer.status_code == 200, answer.text
+        for row, image in zip(answer.json()["predictions"], IMAGES[:2], strict=True):
+            assert_same(row, expected(reference.eval(), "d", image, topk=4))
+
+        assert httpx.delete(f"{base}/tasks/d").json() == {"deleted": "d"}
+        assert not (own_dir / "d.safetensors").exists()
+        assert httpx.post(f"{base}/predict", **multipart("d", IMAGES[:1])).status_code == 404
+        assert httpx.delete(f"{base}/tasks/d").status_code == 404
+        raw = httpx.post(
+            f"{base}/tasks", content=data, headers={"content-type": "application/octet-stream"}
+        )
+        assert raw.status_code == 201, raw.text
+    with server(own_dir) as base:  # the upload persisted: a restart serves it
+        assert httpx.post(f"{base}/predict", **multipart("d", IMAGES[:1])).status_code == 200
+
+
+def _crafted(data: bytes, tmp_path: Path, **changes: Any) -> bytes:
+    """A task file whose metadata was edited by hand (its tensor checksum still holds)."""
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(data)
+    meta, tensors = read_task_file(path)
+    header = {"format": FORMAT, "piggyback": json.dumps({**meta, **changes})}
+    return safetensors_save(tensors, metadata=header)
+
+
+def test_bad_uploads_are_refused(own_dir: Path, tmp_path: Path) -> None:
+    good = new_task_file(tmp_path)
+    before = sorted(p.name for p in own_dir.iterdir())
+    cases = [
+        (b"\x00" * 64, 400, "not a readable safetensors"),
+        (good[: len(good) // 2], 400, "uploaded file"),
+        (new_task_file(tmp_path, seed=1), 400, "backbone"),
+        (new_task_file(tmp_path, name="a"), 409, "already served"),
+        (_crafted(good, tmp_path, task="../evil"), 400, "not allowed"),
+        (_crafted(good, tmp_path, task=["x"]), 400, "malformed"),
+        (_crafted(good, tmp_path, class_names=7), 400, "malformed"),
+        (_crafted(good, tmp_path, metadata={"size": -3}), 400, "input size"),
+    ]
+    with server(own_dir) as base:
+        for data, status, needle in cases:
+            files = {"file": ("t.safetensors", data)}
+            response = httpx.post(f"{base}/tasks", files=files)
+            assert response.status_code == status, response.text
+            assert needle in response.json()["error"], response.text
+        wrong_type = httpx.post(f"{base}/tasks", content=good, headers={"content-type": "x/y"})
+        assert wrong_type.status_code == 415
+        no_file = httpx.post(f"{base}/tasks", data={"file": "text"}, files={"x": b"1"})
+        assert no_file.status_code == 422
+        listed = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
+        assert sorted(listed) == sorted(TASKS)
+        assert httpx.post(f"{base}/predict", **multipart("c", IMAGES[:1])).status_code == 200
+    assert sorted(p.name for p in own_dir.iterdir()) == before
+    assert not (own_dir.parent / "evil.safetensors").exists()
+
+
+def test_admin_token_guards_changes(own_dir: Path, tmp_path: Path) -> None:
+    files = {"file": ("d.safetensors", new_task_file(tmp_path))}
+    with server(own_dir, admin_token="s3cret") as base:
+        for headers, status in [
+            ({}, 401),
+            ({"authorization": "Basic s3cret"}, 401),
+            ({"authorization": "Bearer wrong"}, 403),
+            ({"authorization": "Bearer s3cret"}, 201),
+        ]:
+            response = httpx.post(f"{base}/tasks", files=files, headers=headers)
+            assert response.status_code == status, response.text
+        assert httpx.delete(f"{base}/tasks/d").status_code == 401
+        wrong = {"authorization": "Bearer s3cre"}
+        assert httpx.delete(f"{base}/tasks/d", headers=wrong).status_code == 403
+        right = {"authorization": "Bearer s3cret"}
+        assert httpx.delete(f"{base}/tasks/d", headers=right).status_code == 200
+        assert httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1])).status_code == 200
+
+
+# ------------------------------------------------------------ pieces, CLI
+@pytest.mark.parametrize("cache_size", [0, 1, 4])
+def test_batched_logits_equal_one_at_a_time(
+    task_dir: Path, reference: PiggybackModel, cache_size: int
+) -> None:
+    """One mixed batch (two input sizes, three tasks) equals a per-image loop."""
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    registry = TaskRegistry(model, SPEC, task_dir, cache_size=cache_size)
+    x = {task: torch.randn(2, 3, spec_of(reference, task).size, 16) for task in TASKS}
+    jobs = [Job(task, x[task][i : i + 1]) for i in range(2) for task in TASKS]
+    jobs.append(Job("gone", x["a"]))
+    for _ in range(3):  # cold, then cached
+        *outcomes, gone = registry.infer(jobs)
+        for job, logits in zip(jobs, outcomes, strict=False):
+            reference.set_task(job.task)
+            with torch.no_grad():
+                torch.testing.assert_close(logits, reference(job.images), rtol=0, atol=1e-5)
+        assert isinstance(gone, piggyback.UnknownTaskError)
+    assert len(registry.cache.tasks) == min(cache_size, len(TASKS))
+
+
+def test_batcher_fills_batches_and_isolates_errors() -> None:
+    sizes: list[int] = []
+
+    def run(jobs: list[Job]) -> list[torch.Tensor | Exception]:
+        sizes.append(sum(job.rows for job in jobs))
+        if any(job.task == "crash" for job in jobs):
+            raise RuntimeError("a bug")
+        return [ValueError("bad") if j.task == "bad" else j.images * 2 for j in jobs]
+
+    async def scenario() -> list[Any]:
+        batcher = Batcher(run, window_s=0.05, max_batch=4)
+        batcher.start()
+        submit = [batcher.submit(Job(str(i), torch.full((1,), float(i)))) for i in range(10)]
+        first = await asyncio.gather(*submit)
+        second = await asyncio.gather(
+            batcher.submit(Job("bad", torch.ones(1))),
+            batcher.submit(Job("ok", torch.ones(2))),
+            return_exceptions=True,
+        )
+        crashed = await asyncio.gather(
+            batcher.submit(Job("crash", torch.ones(1))), return_exceptions=True
+        )
+        after = await batcher.submit(Job("ok", torch.ones(1)))
+        await batcher.stop()
+        return [first, second, crashed, after]
+
+    first, second, crashed, after = asyncio.run(scenario())
+    assert [float(t) for t in first] == [2.0 * i for i in range(10)]
+    assert sizes[:3] == [4, 4, 2], "full batches go at once, the rest when the window closes"
+    assert isinstance(second[0], ValueError) and torch.equal(second[1], torch.full((2,), 2.0))
+    assert isinstance(crashed[0], RuntimeError) and torch.equal(after, torch.full((1,), 2.0))
+
+
+def test_two_files_of_one_task_are_refused(own_dir: Path) -> None:
+    shutil.copy(own_dir / "a.safetensors", own_dir / "a-copy.safetensors")
+    with pytest.raises(TaskExistsError, match=r"already served, from a-copy\.safetensors"):
+        TaskRegistry(PiggybackModel(make_tiny(), MaskConfig()), SPEC, own_dir)
+
+
+def test_baked_cache_admits_by_frequency() -> None:
+    baked: list[str] = []
+    cache = BakedCache(2, bake=lambda task: baked.append(task) or torch.nn.Identity())
+    for task in ["a", "a", "b", "b", "c"]:
+        cache.get(task)
+    assert cache.tasks == ["a", "b"], "a one-off task must not evict hot ones"
+    assert cache.get("c") is None and cache.get("c") is not None
+    assert cache.tasks == ["b", "c"] and baked == ["a", "b", "c"]
+    cache.discard("c")
+    assert cache.tasks == ["b"]
+    assert BakedCache(0, bake=lambda task: torch.nn.Identity()).get("a") is None
+
+
+def test_serve_command_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--tasks", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--tasks", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "max_batch" in capsys.readouterr().err
+
+
+def test_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["tasks"] for row in rows] == [1, 20]
+    assert all(row["errors"] == 0 and row["req_per_s"] > 0 for row in rows)
+    assert "| tasks |" in result.stdout
