@@ -34,7 +34,7 @@ class DemoSettings:
     limit: int = 2000
     epochs: int = 4
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-4
     head_lr: float = 1e-3
     finetune_lr: float = 1e-4
     seed: int = 0

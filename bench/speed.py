@@ -1,0 +1,340 @@
+"""Speed and memory of piggyback against its alternatives, side by side in one run.
+
+For each backbone: a training step (mask training vs full fine-tuning: time and
+peak memory), inference (baked task, masked model with its cached weight, the
+masked model re-deriving its weights every batch, and torch.nn.utils.parametrize
+as the reference implementation, each against the plain backbone), a task switch
+from a task file to ready-to-run weights, a mixed batch of 8 tasks against 8
+single-task forwards, and the memory that N resident tasks add to the backbone.
+
+    python bench/speed.py                       # resnet50, efficientnet_lite0, vit_small
+    python bench/speed.py --device cuda --amp bf16
+    python bench/speed.py --quick               # seconds: the CI smoke run
+
+Peak training memory on the CPU is the growth of the resident set of a fresh
+child process over the steps (ru_maxrss); on CUDA it is torch's allocator peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from _common import markdown_table, median_seconds, write_results
+from torch import nn
+from torch.nn.utils import parametrize
+
+from piggyback import PiggybackModel
+from piggyback.backbones import create_backbone
+
+BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet50": lambda size: torchvision.models.resnet50(),
+    "efficientnet_lite0": lambda size: create_backbone("efficientnet_lite0"),
+    "vit_small": lambda size: timm.create_model("vit_small_patch16_224", img_size=size),
+}
+KEEP = 0.95  # masks keep ~95% of the weights, as trained masks do
+
+
+def build(name: str, size: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return BUILDERS[name](size).to(device).eval()
+
+
+def random_masks(model: PiggybackModel, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (torch.rand(layer.weight.shape, generator=generator) < KEEP).to(torch.int8)
+        for name, layer in model.masked_layers.items()
+    }
+
+
+def autocast(device: torch.device, amp: str | None) -> AbstractContextManager:
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+# ------------------------------------------------------------------ training
+def training_setup(
+    name: str, method: str, size: int, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    backbone = build(name, size, device)
+    if method == "finetune":
+        backbone.requires_grad_(True)
+        return backbone.train(), torch.optim.Adam(backbone.parameters(), lr=1e-4)
+    model = PiggybackModel(backbone)
+    model.add_task("task", 10)
+    model.set_task("task").train()
+    return model, torch.optim.Adam(model.trainable_parameters("task"), lr=1e-4)
+
+
+def train_step_fn(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: int, size: int, args: Any
+) -> Callable[[], None]:
+    device = torch.device(args.device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, args.amp):
+            logits = model(x)
+        F.cross_entropy(logits.float()[:, :10], labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def child_train_memory(args: argparse.Namespace) -> None:
+    """In a fresh process: peak memory growth over two training steps."""
+    model, optimizer = training_setup(args.child, args.method, args.size, torch.device("cpu"))
+    step = train_step_fn(model, optimizer, args.batch, args.size, args)
+    before = rss_bytes()
+    step()
+    step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_growth": peak - before}))
+
+
+def train_memory(name: str, method: str, args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        model, optimizer = training_setup(name, method, args.size, device)
+        step = train_step_fn(model, optimizer, args.batch, args.size, args)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        step()
+        return torch.cuda.max_memory_allocated() - before
+    command = [sys.executable, __file__, "--child", name, "--method", method,
+               "--size", str(args.size), "--batch", str(args.batch)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_growth"]
+
+
+def bench_training(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    times = {}
+    for method in ("finetune", "piggyback"):
+        model, optimizer = training_setup(name, method, args.size, device)
+        step = train_step_fn(model, optimizer, args.batch, args.size, args)
+        times[method] = median_seconds(step, device, args.repeat)
+        del model, optimizer
+    memory = {method: train_memory(name, method, args) for method in ("finetune", "piggyback")}
+    return {
+        "finetune_step_s": times["finetune"],
+        "mask_step_s": times["piggyback"],
+        "step_time_ratio": times["piggyback"] / times["finetune"],
+        "finetune_peak_mb": memory["finetune"] / 2**20,
+        "mask_peak_mb": memory["piggyback"] / 2**20,
+        "peak_memory_ratio": memory["piggyback"] / max(memory["finetune"], 1),
+    }
+
+
+# ----------------------------------------------------------------- inference
+class FixedMask(nn.Module):
+    """The parametrize reference: W * mask recomputed on every access."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def parametrized(backbone: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    reference = copy.deepcopy(backbone)
+    for name, mask in masks.items():
+        layer = reference.get_submodule(name)
+        parametrize.register_parametrization(layer, "weight", FixedMask(mask.to(layer.weight)))
+    return reference
+
+
+def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    backbone = build(name, args.size, device)
+    model = PiggybackModel(backbone).to(device).eval()
+    masks = random_masks(model, seed=1)
+    num_classes = model.head.base_layer.weight.shape[0]  # same head size as the plain model
+    model.add_task("task", num_classes, masks=masks)
+    with torch.no_grad():
+        model.head.heads["task"].load_state_dict(model.head.base_layer.state_dict())
+    plain = model.base.to(device).eval()
+    baked = model.bake("task").to(device)
+    reference = parametrized(plain, {n: m.float() for n, m in masks.items()})
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        def run() -> None:
+            with torch.no_grad(), autocast(device, args.amp):
+                fn()
+
+        return median_seconds(run, device, args.repeat)
+
+    model.set_task("task")
+
+    def rederived() -> Any:
+        model.train(False)  # clears every cached W * mask, as a task switch does
+        return model(x)
+
+    base = timed(lambda: plain(x))
+    return {
+        "plain_forward_s": base,
+        "baked_ratio": timed(lambda: baked(x)) / base,
+        "masked_cached_ratio": timed(lambda: model(x)) / base,
+        "masked_rederived_ratio": timed(rederived) / base,
+        "parametrize_ratio": timed(lambda: reference(x)) / base,
+    }
+
+
+# ------------------------------------------------------------ tasks at once
+def bench_tasks(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    model = PiggybackModel(build(name, args.size, device)).eval()
+    masks = random_masks(model, seed=2)
+    model.add_task("file", 10, masks=masks)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save_task("file", Path(tmp) / "file.safetensors")
+        file_bytes = path.stat().st_size
+        load_s, ready_s = [], []
+        for index in range(args.repeat):
+            start = time.perf_counter()
+            task = model.load_task(path, name=f"loaded{index}")
+            load_s.append(time.perf_counter() - start)
+            with torch.no_grad():
+                for layer in model.masked_layers.values():
+                    layer.masked_weight(task)
+            ready_s.append(time.perf_counter() - start)
+            model.remove_task(task)
+    mixed = mixed_batch(model, masks, args)
+    resident = resident_memory(model, masks, args.resident)
+    return {"task_file_kb": file_bytes / 1024, "load_ms": 1000 * min(load_s),
+            "switch_to_ready_ms": 1000 * min(ready_s), **mixed, **resident}  # fmt: skip
+
+
+def mixed_batch(
+    model: PiggybackModel, masks: dict[str, torch.Tensor], args: argparse.Namespace
+) -> dict[str, Any]:
+    """One batch of 8 tasks against 8 single-task forwards of the same samples."""
+    device = torch.device(args.device)
+    tasks = [f"mix{i}" for i in range(8)]
+    for task in tasks:
+        model.add_task(task, 10, masks=masks)
+    model.to(device)
+    per_task = max(1, args.batch // 8)
+    x = torch.randn(per_task * 8, 3, args.size, args.size, device=device)
+    names = [task for task in tasks for _ in range(per_task)]
+
+    def separately() -> None:
+        for index, task in enumerate(tasks):
+            model.set_task(task)
+            model(x[index * per_task : (index + 1) * per_task])
+
+    with torch.no_grad():
+        mixed_s = median_seconds(lambda: model(x, task_names=names), device, args.repeat)
+        separate_s = median_seconds(separately, device, args.repeat)
+    for task in tasks:
+        model.remove_task(task)
+    return {"mixed8_s": mixed_s, "mixed8_ratio": mixed_s / separate_s}
+
+
+def resident_memory(
+    model: PiggybackModel, masks: dict[str, torch.Tensor], counts: list[int]
+) -> dict[str, Any]:
+    """Bytes that N stored tasks keep in memory (packed masks + heads) vs the backbone."""
+    backbone_bytes = sum(t.numel() * t.element_size() for t in model.base.state_dict().values())
+    masked = sum(layer.weight.numel() for layer in model.masked_layers.values())
+    row: dict[str, Any] = {"backbone_mb": backbone_bytes / 2**20}
+    added = 0
+    for count in sorted(counts):
+        while added < count:
+            model.add_task(f"resident{added}", 10, masks=masks)
+            added += 1
+        held = sum(
+            b.numel() * b.element_size()
+            for n, b in model.named_buffers()
+            if ".packed.resident" in n
+        )
+        heads = sum(p.numel() * p.element_size() for p in model.head.heads.parameters())
+        row[f"tasks{count}_mb"] = (held + heads) / 2**20
+        row[f"tasks{count}_bits_per_weight"] = 8 * held / (count * masked)
+    for index in range(added):
+        model.remove_task(f"resident{index}")
+    return row
+
+
+# ---------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--resident", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--out", default="bench/results/speed.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.batch, args.repeat, args.resident = 32, 8, 1, [1, 3]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_train_memory(args)
+        return
+    results = []
+    for name in args.models:
+        print(f"== {name}", flush=True)
+        row = {"model": name, **bench_training(name, args), **bench_inference(name, args)}
+        results.append({**row, **bench_tasks(name, args)})
+    tables = {
+        "training step (ratio to full fine-tuning)": [
+            "model", "finetune_step_s", "mask_step_s", "step_time_ratio",
+            "finetune_peak_mb", "mask_peak_mb", "peak_memory_ratio",
+        ],
+        "inference (ratio to the plain backbone)": [
+            "model", "plain_forward_s", "baked_ratio", "masked_cached_ratio",
+            "masked_rederived_ratio", "parametrize_ratio",
+        ],
+        "tasks": [
+            "model", "task_file_kb", "load_ms", "switch_to_ready_ms", "mixed8_ratio",
+            "backbone_mb", *[f"tasks{n}_mb" for n in args.resident],
+            f"tasks{args.resident[-1]}_bits_per_weight",
+        ],
+    }  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("size", "batch", "repeat", "device", "amp")}
+    print(f"\nsettings: {settings}")
+    for title, columns in tables.items():
+        print(f"\n### {title}\n\n{markdown_table(results, columns)}")
+    print(f"\nwrote {write_results(args.out, {'settings': settings, 'results': results})}")
+
+
+if __name__ == "__main__":
+    main()

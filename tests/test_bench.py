@@ -1,0 +1,50 @@
+"""Each benchmark script runs end to end at a tiny size (a smoke test, not a timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    command = [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--out", str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "|---|" in result.stdout  # the markdown table
+    payload = json.loads(out.read_text())
+    assert payload["hardware"]["cores"] >= 1 and payload["command"].startswith("python")
+    return payload
+
+
+@pytest.mark.slow
+def test_speed_bench(tmp_path: Path) -> None:
+    rows = run_bench("speed", tmp_path)["results"]
+    assert [r["model"] for r in rows] == ["resnet50", "efficientnet_lite0", "vit_small"]
+    for row in rows:
+        assert row["plain_forward_s"] > 0 and row["mask_step_s"] > 0
+        assert row["tasks3_bits_per_weight"] == pytest.approx(1.0, abs=0.01)  # packed in memory
+
+
+@pytest.mark.slow
+def test_accuracy_bench(tmp_path: Path) -> None:
+    rows = run_bench("accuracy", tmp_path, "--work", str(tmp_path / "work"))["results"]
+    methods = {r["method"] for r in rows}
+    assert {"classifier", "piggyback", "finetune", "random-piggyback"} <= methods
+    assert all(0 <= r["test_top1"] <= 100 for r in rows)
+    assert any(r["task"] == "mean" for r in rows)
+
+
+@pytest.mark.slow
+def test_storage_bench(tmp_path: Path) -> None:
+    (row,) = run_bench("storage", tmp_path)["results"]
+    assert row["entropy floor"] <= row["stored bits"] <= row["packed bits"] == 1.0
+    assert row["stored bits"] == min(
+        row[f"{c} bits"] for c in ("packed", "packed-lzma", "sparse-lzma")
+    )
