@@ -140,19 +140,37 @@ def test_not_a_piggyback_file(tmp_path: Path) -> None:
         piggyback.load(tmp_path / "empty", make_tiny())
 
 
-def test_newer_format_is_refused(trained: PiggybackModel, tmp_path: Path) -> None:
+def rewrite_metadata(path: Path, **changes: object) -> None:
+    """Edit a task file's JSON header (the checksum covers only the tensors)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    path = trained.save_task("a", tmp_path / "a.safetensors")
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    meta = json.loads(header["piggyback"])
-    meta["format_version"] = 99
+    meta = {**json.loads(header["piggyback"]), **changes}
     save_file(tensors, str(path), metadata={**header, "piggyback": json.dumps(meta)})
+
+
+def test_newer_format_is_refused(trained: PiggybackModel, tmp_path: Path) -> None:
+    path = trained.save_task("a", tmp_path / "a.safetensors")
+    rewrite_metadata(path, format_version=99)
     with pytest.raises(TaskFileError, match="format 99"):
         PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"task": 5}, {"class_names": "xyz"}, {"metadata": [1, 2]}, {"mask": {}}]
+)
+def test_crafted_metadata_is_refused_cleanly(
+    trained: PiggybackModel, tmp_path: Path, changes: dict
+) -> None:
+    path = trained.save_task("a", tmp_path / "a.safetensors")
+    rewrite_metadata(path, **changes)
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    with pytest.raises(TaskFileError):
+        model.load_task(path)
+    assert model.tasks == [] and all(not layer.tasks for layer in model.masked_layers.values())
 
 
 def test_interrupted_save_keeps_the_old_file(

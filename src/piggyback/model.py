@@ -155,6 +155,10 @@ class PiggybackModel(nn.Module):
         if masks is not None and set(masks) != set(self.masked_layers):
             missing = sorted(set(self.masked_layers) - set(masks))[:3]
             raise ConfigError(f"masks must cover every masked layer; missing e.g. {missing}")
+        try:  # everything is checked before any layer takes the task
+            metadata = dict(metadata or {})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metadata must be a mapping, got {type(metadata).__name__}") from exc
         train_bn = self.config.train_bn if train_bn is None else train_bn
         for layer_name, layer in self.masked_layers.items():
             if masks is None:
@@ -166,7 +170,7 @@ class PiggybackModel(nn.Module):
             for norm in self.norms.values():
                 norm.add_task(name)
         names = None if class_names is None else [str(c) for c in class_names]
-        self.task_info[name] = TaskInfo(num_classes, names, train_bn, dict(metadata or {}))
+        self.task_info[name] = TaskInfo(num_classes, names, train_bn, metadata)
 
     def set_task(self, name: str | None) -> PiggybackModel:
         """Make `name` the task that `forward` runs (None: the plain backbone); returns

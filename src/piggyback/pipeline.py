@@ -90,15 +90,16 @@ def predict(
     for row, task in zip(logits, names, strict=True):
         info = model.task_info[task] if task is not None else None
         width = info.num_classes if info else row.shape[0]
-        probs = row[:width].float().softmax(0)
-        top = probs.topk(min(topk, width))
-        classes = info.class_names if info and info.class_names else None
-        indices = top.indices.tolist()
-        results.append(
-            Prediction(
-                labels=[classes[i] if classes else str(i) for i in indices],
-                indices=indices,
-                probabilities=[round(p, 6) for p in top.values.tolist()],
-            )
-        )
+        results.append(rank(row[:width], info.class_names if info else None, topk))
     return results
+
+
+def rank(logits: torch.Tensor, class_names: list[str] | None, topk: int) -> Prediction:
+    """The `topk` most probable classes of one row of logits (one task's classes only)."""
+    top = logits.float().softmax(0).topk(min(topk, logits.shape[0]))
+    indices = top.indices.tolist()
+    return Prediction(
+        labels=[class_names[i] if class_names else str(i) for i in indices],
+        indices=indices,
+        probabilities=[round(p, 6) for p in top.values.tolist()],
+    )

@@ -155,6 +155,7 @@ def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
         )
     if meta.get("checksum") != _checksum(tensors):
         raise TaskFileError(f"{path} is corrupt: its tensors do not match their checksum")
+    _check_field_types(path, meta)
     return meta, tensors
 
 
@@ -217,6 +218,14 @@ def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = Non
         model.remove_task(task)
         raise BackboneMismatchError(f"{path}: head or norm tensors do not fit: {exc}") from exc
     return task
+
+
+def _check_field_types(path: str | Path, meta: dict[str, Any]) -> None:
+    """The checksum covers the tensors only, so a crafted header must still fail cleanly."""
+    expected = {"task": (str,), "class_names": (list, type(None)), "metadata": (dict, type(None))}
+    for key, types in expected.items():
+        if not isinstance(meta.get(key), types):
+            raise TaskFileError(f"{path}: metadata field {key!r} is malformed")
 
 
 def _check_layers(path: str | Path, layers: list[tuple[str, tuple]], model: PiggybackModel) -> None:

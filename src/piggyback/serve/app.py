@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -22,11 +21,11 @@ from starlette.exceptions import HTTPException
 from ..backbones import InputSpec
 from ..errors import PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
-from ..pipeline import Prediction
+from ..pipeline import rank
 from .batcher import Batcher, Job, ShuttingDownError
 from .config import ServeConfig
 from .inputs import ApiError, parse_predict, parse_task_upload, read_body, to_batch
-from .registry import TaskEntry, TaskExistsError, TaskRegistry
+from .registry import TaskExistsError, TaskRegistry
 
 # Library errors a request can cause, by HTTP status; any other (a bad task name...) is 400.
 _STATUS: dict[type[Exception], int] = {
@@ -102,7 +101,7 @@ def create_app(
         logits = await batcher.submit(Job(entry.name, images))
         return {
             "task": entry.name,
-            "predictions": [_top_k(row, entry, query.topk).to_dict() for row in logits],
+            "predictions": [rank(row, entry.class_names, query.topk).to_dict() for row in logits],
         }
 
     @app.post("/tasks", status_code=201)
@@ -120,19 +119,6 @@ def create_app(
         return {"deleted": name}
 
     return app
-
-
-def _top_k(logits: torch.Tensor, entry: TaskEntry, k: int) -> Prediction:
-    """As `piggyback.pipeline.predict` ranks one row of logits (the task's classes only)."""
-    probabilities = logits.float().softmax(0)
-    top = probabilities.topk(min(k, logits.shape[0]))
-    indices = top.indices.tolist()
-    names = entry.class_names
-    return Prediction(
-        labels=[names[i] if names else str(i) for i in indices],
-        indices=indices,
-        probabilities=[round(p, 6) for p in top.values.tolist()],
-    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:

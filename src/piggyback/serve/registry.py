@@ -267,7 +267,6 @@ class TaskRegistry:
     def _load(self, path: Path, meta: dict[str, Any]) -> TaskEntry:
         """Load the task file at `path` (whose metadata is `meta`) onto the model, all or
         nothing; the caller lists its entry."""
-        _check_fields(path, meta)
         existing = self._entries.get(meta["task"])
         if existing is not None:
             raise TaskExistsError(
@@ -296,12 +295,3 @@ class TaskRegistry:
         self._entries.pop(name, None)
         self.cache.discard(name)
         self.model.remove_task(name)
-
-
-def _check_fields(path: Path, meta: dict[str, Any]) -> None:
-    """Types of the metadata that `store.load_task` hands on unchecked (an upload may be
-    crafted: the checksum covers the tensors only), so a bad one is a TaskFileError."""
-    expected = {"task": (str,), "class_names": (list, type(None)), "metadata": (dict, type(None))}
-    for key, types in expected.items():
-        if not isinstance(meta.get(key), types):
-            raise TaskFileError(f"{path}: metadata field {key!r} is malformed")
