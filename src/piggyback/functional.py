@@ -15,36 +15,35 @@ from .config import ScoreInit, ThresholdFn
 MASK_KINDS: dict[str, MaskKind] = {"binarizer": "binary", "ternarizer": "ternary"}
 
 
-class Binarizer(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """A thresholding whose gradient w.r.t. the scores is the incoming one, unchanged.
+
+    Through W * m that makes dL/dscores = dL/d(W * m) * W, as in the paper.
+    """
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output, None
+
+
+class Binarizer(_StraightThrough):
     """m = 1 where score > threshold, else 0; gradient passed straight through."""
 
     @staticmethod
     def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return (scores > threshold).to(scores.dtype)
 
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-        pass
 
-    @staticmethod
-    def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_output, None
-
-
-class Ternarizer(torch.autograd.Function):
+class Ternarizer(_StraightThrough):
     """m = -1 below 0, 0 in [0, threshold], 1 above; gradient passed straight through."""
 
     @staticmethod
     def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return (scores > threshold).to(scores.dtype) - (scores < 0).to(scores.dtype)
-
-    @staticmethod
-    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_output, None
 
 
 _THRESHOLDERS: dict[str, type[torch.autograd.Function]] = {

@@ -33,7 +33,7 @@ class TaskModule(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)  # the backbone is never trained
         self.active_task: str | None = None
 
     def remove_task(self, task: str) -> None:
@@ -62,7 +62,6 @@ class MaskedLayer(TaskModule):
                 f"{[t.__name__ for t in MASKABLE_TYPES]}"
             )
         super().__init__(base_layer)
-        base_layer.requires_grad_(False)
         self.config = config
         self.scores = nn.ParameterDict()
         self.packed = _BufferDict()
@@ -167,7 +166,6 @@ class TaskNorm(TaskModule):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        base_layer.requires_grad_(False)
         self.norms = nn.ModuleDict()
 
     def add_task(self, task: str) -> None:
@@ -202,7 +200,6 @@ class TaskHead(TaskModule):
                 f"{[t.__name__ for t in HEAD_TYPES]}. Name another module with MaskConfig(head=...)"
             )
         super().__init__(base_layer)
-        base_layer.requires_grad_(False)
         self.heads = nn.ModuleDict()
 
     def add_task(self, task: str, num_classes: int) -> None:
