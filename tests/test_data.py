@@ -21,6 +21,7 @@ from piggyback.data import (
     BUILTIN_TASKS,
     TaskData,
     TaskDataset,
+    builtin,
     image_transform,
     load_task_data,
     make_loader,
@@ -380,7 +381,7 @@ def test_fashion_mnist() -> None:
 
 
 def test_builtins_not_installed_say_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(DataError, match="sudo apt-get install dataset-fashion-mnist"):
         load_task_data("fashion_mnist", SPEC)
     real_find_spec = importlib.util.find_spec
