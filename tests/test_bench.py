@@ -46,5 +46,5 @@ def test_storage_bench(tmp_path: Path) -> None:
     (row,) = run_bench("storage", tmp_path)["results"]
     assert row["entropy floor"] <= row["stored bits"] <= row["packed bits"] == 1.0
     assert row["stored bits"] == min(
-        row[f"{c} bits"] for c in ("packed", "packed-lzma", "sparse-lzma")
+        row[f"{c} bits"] for c in ("packed", "packed-zstd", "sparse-zstd")
     )

@@ -35,16 +35,31 @@ def encode_with(codec: str, mask: torch.Tensor, kind: str) -> bytes:
     return encodings(mask, kind)[codec]
 
 
-@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [(k, d) for k in ("binary", "ternary") for d in (torch.float32, torch.int8, torch.bool)][
+        :-1
+    ],  # a bool tensor cannot hold a ternary -1
+)
 @pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 1000])
 @pytest.mark.parametrize("density", [0.0, 0.5, 0.97, 1.0])
-def test_pack_round_trip(kind: str, numel: int, density: float) -> None:
+def test_pack_round_trip(kind: str, numel: int, density: float, dtype: torch.dtype) -> None:
     mask = random_mask(numel, density, kind, seed=numel)
-    packed = pack_mask(mask.float(), kind)
+    packed = pack_mask(mask.to(dtype), kind)
     assert packed.dtype == torch.uint8
     assert packed.numel() == math.ceil(numel * bits_per_value(kind) / 8)
     assert torch.equal(unpack_mask(packed, numel, kind, dtype=torch.int8), mask)
     assert torch.equal(unpack_mask(packed, numel, kind), mask.float())
+    assert torch.equal(unpack_mask(packed, numel, kind, dtype=torch.bool), mask != 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_pack_on_cuda_matches_cpu(kind: str) -> None:
+    mask = random_mask(1001, 0.7, kind)
+    packed = pack_mask(mask.cuda(), kind)
+    assert packed.is_cuda and torch.equal(packed.cpu(), pack_mask(mask, kind))
+    assert torch.equal(unpack_mask(packed, 1001, kind, torch.int8).cpu(), mask)
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
@@ -74,11 +89,11 @@ def test_dense_random_mask_stays_at_one_bit() -> None:
     assert codec == "packed" and len(payload) == 100_000 // 8
 
 
-def test_long_gaps_use_wider_integers() -> None:
+def test_long_gaps_are_escaped() -> None:
     mask = torch.ones(200_000, dtype=torch.int8)
-    mask[[3, 70_000, 199_999]] = 0
+    mask[[3, 254, 510, 70_000, 199_999]] = 0  # gaps of 3, 250, 255 (escaped), 69,489, ...
     payload = _encode_sparse(mask, "binary")
-    assert torch.equal(decode_mask(payload, "sparse-lzma", mask.numel(), "binary"), mask)
+    assert torch.equal(decode_mask(payload, "sparse-zstd", mask.numel(), "binary"), mask)
 
 
 def test_entropy_bits() -> None:
@@ -124,4 +139,4 @@ def test_sparse_header_lies_are_caught() -> None:
     mask = random_mask(100, 0.9, "binary")
     payload = _encode_sparse(mask, "binary")
     with pytest.raises(TaskFileError):
-        decode_mask(payload, "sparse-lzma", 10, "binary")  # gaps point past the end
+        decode_mask(payload, "sparse-zstd", 10, "binary")  # gaps point past the end

@@ -1,4 +1,4 @@
-"""The `piggyback` command: train, eval, predict, inspect, export, demo.
+"""The `piggyback` command: train, train-many, eval, predict, inspect, export, demo, serve.
 
 Every bad argument ends in one line on stderr and exit code 2, never a traceback.
 """

@@ -130,8 +130,17 @@ class MaskedLayer(TaskModule):
         source = self.scores[task] if task in self.scores else self.packed[task]
         key = (task, id(source), source._version, weight.device, weight.dtype)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, weight * self.mask(task).to(weight.dtype))
+            self._cache = (key, self._apply_mask(task))
         return self._cache[1]
+
+    def _apply_mask(self, task: str) -> torch.Tensor:
+        """W * mask; a stored binary mask selects W through a bool tensor, which skips
+        materialising a float mask (the cost of every task switch at inference)."""
+        weight = self.weight
+        if task in self.scores or self.kinds[task] != "binary":
+            return weight * self.mask(task).to(weight.dtype)
+        keep = unpack_mask(self.packed[task], weight.numel(), "binary", dtype=torch.bool)
+        return torch.where(keep.view(weight.shape), weight, weight.new_zeros(()))
 
     def clear_cache(self) -> None:
         self._cache = None
