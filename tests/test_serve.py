@@ -430,6 +430,8 @@ def test_serve_command_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", "--tasks", str(tmp_path), "--max-batch", "0"]) == 2
     assert "max_batch" in capsys.readouterr().err
+    assert main(["serve", "--tasks", str(tmp_path), "--device", "tpu"]) == 2
+    assert "not a torch device" in capsys.readouterr().err
 
 
 def test_bench_quick(tmp_path: Path) -> None:

@@ -160,6 +160,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     serve.add_argument("--backbone", help="default: what the task files record")
     serve.add_argument("--weights", type=Path, help="local state_dict file for the backbone")
     serve.add_argument("--size", type=int, help="input size (default: each task's own)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-token", help="guards task upload/delete; or PIGGYBACK_ADMIN_TOKEN")
@@ -498,7 +499,11 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("PIGGYBACK_ADMIN_TOKEN"),
         **{key: getattr(args, key) for key in flags if getattr(args, key) is not None},
     )
+    from .train import resolve_device
+
+    device = resolve_device(args.device)  # validates before the backbone loads
     model, spec = build_model(args.tasks, backbone=args.backbone, weights=args.weights)
+    model.to(device)
     app = create_app(model, spec, args.tasks, config, size=args.size)
     if config.admin_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: anyone reaching {args.host} may add or delete tasks; set --admin-token")
