@@ -36,7 +36,7 @@ def measure(path: Path) -> dict[str, Any]:
     coded = encodings(mask, meta["mask"]["kind"])
     sizes = {codec: 8 * len(payload) / numel for codec, payload in coded.items()}
     return {
-        "task file": path.name,
+        "task file": "/".join(path.parts[-3:]),
         "kind": meta["mask"]["kind"],
         "masked weights": numel,
         "kept": meta["mask"]["kept"],
