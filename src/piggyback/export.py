@@ -7,15 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .backbones import create_backbone
-from .errors import ConfigError, TaskFileError, TaskFileNotFoundError
+from .errors import ConfigError, TaskFileError
 from .layers import new_head
 from .pipeline import open_task
-from .store import write_atomic
+from .store import read_safetensors, write_atomic
 
 FORMAT = "piggyback-baked"
 
@@ -81,14 +80,7 @@ def _export_onnx(model: nn.Module, size: int, path: Path) -> Path:
 def load_exported(path: str | Path) -> nn.Module:
     """The plain model written by `export_task`, rebuilt on its backbone's class."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskFileNotFoundError(f"exported model {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several kinds on a damaged file
-        raise TaskFileError(f"{path} is not a readable safetensors file: {exc}") from exc
+    meta, state = read_safetensors(path, "exported model")
     if meta.get("format") != FORMAT:
         raise TaskFileError(f"{path} is not a model written by `piggyback export`")
     model = create_backbone(meta["backbone"])

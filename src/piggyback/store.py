@@ -128,11 +128,10 @@ def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
     return path
 
 
-def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a task file, checked for integrity but not against a model."""
-    path = Path(path)
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header metadata and tensors of a safetensors file; damage is a TaskFileError."""
     if not path.is_file():
-        raise TaskFileNotFoundError(f"task file {str(path)!r} does not exist")
+        raise TaskFileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -141,6 +140,13 @@ def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
         raise TaskFileError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
         ) from exc
+    return header, tensors
+
+
+def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a task file, checked for integrity but not against a model."""
+    path = Path(path)
+    header, tensors = read_safetensors(path, "task file")
     if header.get("format") != FORMAT or "piggyback" not in header:
         raise TaskFileError(f"{path} is a safetensors file but not a piggyback task file")
     try:
