@@ -126,7 +126,7 @@ class MaskedLayer(TaskModule):
         if task is None:
             return weight
         if torch.is_grad_enabled():
-            return weight * self.mask(task).to(weight.dtype)
+            return self._apply_mask(task)
         source = self.scores[task] if task in self.scores else self.packed[task]
         key = (task, id(source), source._version, weight.device, weight.dtype)
         if self._cache is None or self._cache[0] != key:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
 from .config import MaskConfig
@@ -35,6 +36,16 @@ def task_source(path: str | Path) -> dict[str, Any]:
     return {"config": meta["config"], **(meta.get("metadata") or {})}
 
 
+def recorded_backbone(
+    source: dict[str, Any], *, backbone: str | None = None, weights: str | Path | None = None
+) -> nn.Module:
+    """The backbone a task file records (see `task_source`), unless `backbone` / `weights`
+    name another; the embedded default when nothing is recorded."""
+    name = backbone or source.get("backbone") or DEFAULT_BACKBONE
+    weights = weights if weights is not None else source.get("weights")
+    return create_backbone(name, weights=weights)
+
+
 def open_task(
     path: str | Path,
     *,
@@ -48,9 +59,7 @@ def open_task(
     (the training resolution unless `size` overrides it).
     """
     source = task_source(path)
-    name = backbone or source.get("backbone") or DEFAULT_BACKBONE
-    weights = weights if weights is not None else source.get("weights")
-    net = create_backbone(name, weights=weights)
+    net = recorded_backbone(source, backbone=backbone, weights=weights)
     spec = input_spec(net, size=size or source.get("size"))
     model = PiggybackModel(net, MaskConfig.from_dict(source["config"]))
     task = model.load_task(path)

@@ -44,22 +44,16 @@ def library_version() -> str:
 
 def fingerprint(module: nn.Module) -> str:
     """SHA-256 over a module's state (names, dtypes, shapes, bytes): its identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        _hash_tensor(digest, name, tensor)
-    return digest.hexdigest()
-
-
-def _hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(memoryview(data))
+    return _checksum(module.state_dict())
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors: names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(tensors.items()):
-        _hash_tensor(digest, name, tensor)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(data))
     return digest.hexdigest()
 
 
@@ -251,6 +245,14 @@ def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def task_files(directory: str | Path) -> list[Path]:
+    """The task files in `directory`, sorted; the folder must exist (it may be empty)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TaskFileNotFoundError(f"task directory {str(directory)!r} does not exist")
+    return sorted(directory.glob(f"*{SUFFIX}"))
+
+
 def save(model: PiggybackModel, directory: str | Path) -> list[Path]:
     """Write every task of `model` to `directory`, one task file each."""
     directory = Path(directory)
@@ -266,10 +268,7 @@ def load(
     """
     from .model import PiggybackModel
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise TaskFileNotFoundError(f"task directory {str(directory)!r} does not exist")
-    files = sorted(directory.glob(f"*{SUFFIX}"))
+    files = task_files(directory)
     if not files:
         raise TaskFileNotFoundError(f"no {SUFFIX} task files in {str(directory)!r}")
     if config is None:

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
+from ..backbones import InputSpec, input_spec
 from ..config import MaskConfig
-from ..errors import ConfigError, TaskFileError, TaskFileNotFoundError, UnknownTaskError
+from ..errors import ConfigError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
-from ..store import SUFFIX, read_task_file, write_atomic
+from ..pipeline import recorded_backbone, task_source
+from ..store import SUFFIX, read_task_file, task_files, write_atomic
 from .batcher import Job
 
 
@@ -62,12 +63,6 @@ class TaskEntry:
         }
 
 
-def task_files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        raise TaskFileNotFoundError(f"task directory {str(directory)!r} does not exist")
-    return sorted(directory.glob(f"*{SUFFIX}"))
-
-
 def build_model(
     directory: str | Path, *, backbone: str | None = None, weights: str | Path | None = None
 ) -> tuple[PiggybackModel, InputSpec]:
@@ -76,14 +71,10 @@ def build_model(
     The backbone, its weights and the mask config default to what the first task file
     records (as `piggyback predict` does); an empty folder gets the embedded default.
     """
-    files = task_files(Path(directory))
-    meta = read_task_file(files[0])[0] if files else {}
-    recorded = meta.get("metadata") or {}
-    net = create_backbone(
-        backbone or recorded.get("backbone") or DEFAULT_BACKBONE,
-        weights=weights if weights is not None else recorded.get("weights"),
-    )
-    config = MaskConfig.from_dict(meta["config"]) if meta else MaskConfig()
+    files = task_files(directory)
+    source = task_source(files[0]) if files else {}
+    net = recorded_backbone(source, backbone=backbone, weights=weights)
+    config = MaskConfig.from_dict(source["config"]) if source else MaskConfig()
     return PiggybackModel(net, config).eval(), input_spec(net)
 
 
