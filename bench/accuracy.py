@@ -57,7 +57,10 @@ def backbone_for(variant: Variant) -> nn.Module:
     return create_backbone(DEFAULT_BACKBONE)
 
 
-def run(task: str, data: TaskData, name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    task: str, source: str, data: TaskData, name: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train `name` on the task read from `source` (a built-in name, folder or CSV)."""
     variant = VARIANTS[name]
     config = MaskConfig(**variant.mask)
     train = TrainConfig(
@@ -73,7 +76,12 @@ def run(task: str, data: TaskData, name: str, args: argparse.Namespace) -> dict[
     model = PiggybackModel(backbone_for(variant), config)
     started = time.perf_counter()
     out = Path(args.work) / name / task
-    result = fit(model, task, data, train, out, train_bn=config.train_bn)
+    # What `piggyback eval/predict` read back: the input size, the data, the backbone
+    # (none for a random one, which no name recreates).
+    metadata = {"size": args.size, "data": source, "seed": args.seed, "limit": args.limit}
+    if not variant.random_backbone:
+        metadata["backbone"] = DEFAULT_BACKBONE
+    result = fit(model, task, data, train, out, train_bn=config.train_bn, metadata=metadata)
     row = {"task": task, "method": name, "test_top1": 100 * result.test["top1"],
            "best_epoch": result.best_epoch}  # fmt: skip
     row["seconds"] = round(time.perf_counter() - started)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_task_data(task, spec, seed=args.seed, limit=args.limit)
         name = Path(task).name
         for method in args.methods:
-            rows.append(run(name, data, method, args))
+            rows.append(run(name, task, data, method, args))
             print(markdown_table(rows[-1:], list(rows[-1])), flush=True)
     means = [{"task": "mean", "method": m,
               "test_top1": statistics.mean(r["test_top1"] for r in rows if r["method"] == m)}
