@@ -135,7 +135,7 @@ def test_adding_a_task_leaves_others_bit_exact(images: torch.Tensor) -> None:
 
 
 def test_frozen_task_matches_trainable_and_cache_follows_updates(images: torch.Tensor) -> None:
-    model = PiggybackModel(make_tiny())
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=False))  # norms: rounded on freeze
     model.add_task("a", 3)
     model.set_task("a")
     with torch.no_grad():

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import ConfigError, PiggybackError
+from .errors import ConfigError, DegenerateTaskWarning, PiggybackError
+from .recipes import RECIPES
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
@@ -28,6 +30,7 @@ TRAIN_KEYS = (
     "strict", "val_fraction", "test_fraction", "method", "epochs", "batch_size", "lr", "head_lr",
     "lr_decay", "lr_decay_every", "weight_decay", "optimizer", "seed", "device", "num_workers",
     "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume", "amp", "sync_bn",
+    "recipe",
 )  # fmt: skip
 # `train-many` settings that hold for the whole run, so only at the top of its file.
 SHARED_KEYS = (
@@ -73,14 +76,21 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--strict", action="store_true", help="fail on unreadable images")
     group.add_argument("--val-fraction", type=float, default=0.1)
     group.add_argument("--test-fraction", type=float, default=0.1)
-    group = train.add_argument_group("training (defaults: the paper's recipe)")
+    group = train.add_argument_group("training")
     group.add_argument(
         "--method", default="piggyback", choices=("piggyback", "classifier", "finetune")
     )
+    group.add_argument(
+        "--recipe",
+        default="default",
+        choices=list(RECIPES),
+        help="defaults for --lr, --head-lr and --train-bn: "
+        + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()),
+    )
     group.add_argument("--epochs", type=int, default=30)
     group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--lr", type=float, default=1e-4, help="scores (or all weights: finetune)")
-    group.add_argument("--head-lr", type=float, default=1e-4)
+    group.add_argument("--lr", type=float, help="scores (or all weights: finetune); see --recipe")
+    group.add_argument("--head-lr", type=float, help="the new head (and norms); see --recipe")
     group.add_argument("--lr-decay", type=float, default=0.1)
     group.add_argument("--lr-decay-every", type=int, default=15)
     group.add_argument("--weight-decay", type=float, default=0.0)
@@ -93,7 +103,11 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--threshold-fn", default="binarizer", choices=("binarizer", "ternarizer"))
     group.add_argument("--init", default="1s", choices=("1s", "uniform", "weight_based"))
     group.add_argument("--init-scale", type=float, default=1e-2)
-    group.add_argument("--train-bn", action="store_true", help="per-task BatchNorm")
+    group.add_argument(
+        "--train-bn",
+        action=argparse.BooleanOptionalAction,
+        help="per-task norm layers (default: the recipe's; --no-train-bn freezes them)",
+    )
     group = train.add_argument_group("scaling out (torchrun; see docs/scaling.md)")
     group.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA)")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
@@ -291,6 +305,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
     if not args.data:
         raise ConfigError("no dataset: pass --data (e.g. --data digits) or set data: in --config")
+    _apply_recipe(args)
     return TrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, lr_decay=args.lr_decay, lr_decay_every=args.lr_decay_every,
@@ -298,6 +313,16 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         device=args.device, num_workers=args.num_workers, progress=not args.no_progress,
         amp=args.amp, sync_bn=args.sync_bn,
     )  # fmt: skip
+
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    """Fill the settings the command line and config left open from the named recipe."""
+    if args.recipe not in RECIPES:
+        raise ConfigError(f"recipe {args.recipe!r} is not known; expected one of {list(RECIPES)}")
+    recipe = RECIPES[args.recipe]
+    for key in ("lr", "head_lr", "train_bn"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(recipe, key))
 
 
 def _build_model(args: argparse.Namespace) -> PiggybackModel:
@@ -351,16 +376,20 @@ def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCo
         "test_fraction": args.test_fraction,
         "limit": args.limit,
     }
-    result = fit(
-        model, task, data, config, out, train_bn=args.train_bn, resume=args.resume,
-        metadata=metadata,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # printed below as plain lines, not Python warnings
+        warnings.simplefilter("ignore", DegenerateTaskWarning)
+        result = fit(
+            model, task, data, config, out, train_bn=args.train_bn, resume=args.resume,
+            metadata=metadata,
+        )  # fmt: skip
     if is_main():
         print(
             f"{task} ({args.method}): best epoch {result.best_epoch}, val top-1 "
             f"{result.val['top1']:.4f}, test top-1 {result.test['top1']:.4f} -> "
             f"{result.task_file}"
         )
+        for problem in result.warnings:
+            print(f"warning: {problem}", file=sys.stderr)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .recipes import DEFAULT_RECIPE
 
 ThresholdFn = Literal["binarizer", "ternarizer"]
 ScoreInit = Literal["1s", "uniform", "weight_based"]
@@ -17,7 +18,9 @@ SCORE_INITS: tuple[str, ...] = ("1s", "uniform", "weight_based")
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """How a backbone is masked; the defaults are the paper's.
+    """How a backbone is masked. The defaults are the paper's except `train_bn`: each
+    task gets its own norm layers (the "default" recipe; the paper froze them, see
+    `piggyback.recipes`).
 
     Module selection follows PEFT: a `str` is a regular expression matched against
     the whole module name; a list holds exact names or name suffixes (``"fc"``
@@ -35,7 +38,7 @@ class MaskConfig:
     init_scale: float = 1e-2
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
-    train_bn: bool = False
+    train_bn: bool = DEFAULT_RECIPE.train_bn
     head: str | None = None
 
     def __post_init__(self) -> None:

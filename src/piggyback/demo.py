@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from .backbones import DEFAULT_BACKBONE, create_backbone, input_spec
+from .config import MaskConfig
 from .data import BUILTIN_TASKS, TaskData, load_task_data, make_loader
 from .errors import ConfigError
 from .model import PiggybackModel
+from .recipes import RECIPES
 from .report import describe_task_file, plot_histories, plot_layer_kept
 from .store import fingerprint, write_atomic
 from .train import FitResult, TrainConfig, evaluate, fit
@@ -34,8 +36,7 @@ class DemoSettings:
     limit: int = 2000
     epochs: int = 4
     batch_size: int = 32
-    lr: float = 3e-4
-    head_lr: float = 1e-3
+    recipe: str = "default"  # the scores' and head's lr, per-task norms: piggyback.recipes
     finetune_lr: float = 1e-4
     seed: int = 0
 
@@ -64,7 +65,7 @@ def run_demo(
     backbone = create_backbone(DEFAULT_BACKBONE)
     before = fingerprint(backbone)
     spec = input_spec(backbone, size=settings.size)
-    model = PiggybackModel(backbone)
+    model = PiggybackModel(backbone, MaskConfig(train_bn=RECIPES[settings.recipe].train_bn))
     methods = ["piggyback", "classifier"] + (["finetune"] if full else [])
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
@@ -116,16 +117,16 @@ def _fit_method(
     size: int,
 ) -> FitResult:
     name = task if method == "piggyback" else f"{task}-{method}"
-    config = TrainConfig(
-        method=method,  # type: ignore[arg-type]
+    config = TrainConfig.for_recipe(
+        settings.recipe,
+        method=method,
         epochs=settings.epochs,
         batch_size=settings.batch_size,
-        lr=settings.finetune_lr if method == "finetune" else settings.lr,
-        head_lr=settings.head_lr,
         lr_decay_every=max(1, settings.epochs * 3 // 4),
         seed=settings.seed,
         device="cpu",
         progress=progress,
+        **({"lr": settings.finetune_lr} if method == "finetune" else {}),
     )
     metadata = {"backbone": DEFAULT_BACKBONE, "size": size, "data": task, "seed": settings.seed}
     metadata["limit"] = settings.limit

@@ -33,3 +33,8 @@ class TaskFileNotFoundError(PiggybackError, FileNotFoundError):
 
 class DataError(PiggybackError, ValueError):
     """A dataset is missing, empty, or unreadable."""
+
+
+class DegenerateTaskWarning(UserWarning):
+    """A trained task that is not what its method promises: a mask that keeps every
+    weight (a classifier-only head in disguise) or a network that fell to chance."""

@@ -26,6 +26,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
 )
 HEAD_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+NORM_DTYPE = torch.float16  # what task files keep of a task's own norm layers
 
 
 class TaskModule(nn.Module):
@@ -186,6 +187,15 @@ class TaskNorm(TaskModule):
     def remove_task(self, task: str) -> None:
         if task in self.norms:
             del self.norms[task]
+
+    def freeze_task(self, task: str) -> None:
+        """Round the task's own floating-point tensors to NORM_DTYPE, the precision task
+        files keep, so the trained model and the one loaded from its file are the same."""
+        if task in self.norms:
+            with torch.no_grad():
+                for value in self.norms[task].state_dict().values():
+                    if value.is_floating_point():
+                        value.copy_(value.to(NORM_DTYPE))
 
     def layer_for(self, task: str | None) -> nn.Module:
         return self.norms[task] if task is not None and task in self.norms else self.base_layer

@@ -190,10 +190,13 @@ class PiggybackModel(nn.Module):
             self.set_task(None)
 
     def freeze_task(self, name: str) -> None:
-        """Turn a trained task's scores into packed masks (1-2 bits per weight)."""
+        """Turn a trained task into what its task file keeps: scores into packed masks
+        (1-2 bits per weight), its own norm layers rounded to 16 bits."""
         self._check_task(name)
         for layer in self.masked_layers.values():
             layer.freeze_task(name)
+        for norm in self.norms.values():
+            norm.freeze_task(name)
 
     def is_trainable(self, name: str) -> bool:
         self._check_task(name)

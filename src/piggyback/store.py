@@ -26,12 +26,14 @@ from torch import nn
 from .bits import decode_mask, empirical_entropy_bits, encode_mask
 from .config import MaskConfig
 from .errors import BackboneMismatchError, ConfigError, TaskFileError, TaskFileNotFoundError
+from .layers import NORM_DTYPE
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
 
 FORMAT = "piggyback-task"
-FORMAT_VERSION = 1
+# 2: per-task norms store only the tensors that differ from the backbone's, at 16 bits.
+FORMAT_VERSION = 2
 SUFFIX = ".safetensors"
 
 
@@ -89,8 +91,8 @@ def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
         tensors[f"head.{key}"] = value.detach().cpu().contiguous()
     for layer_name, norm in model.norms.items():
         if task in norm.norms:
-            for key, value in norm.norms[task].state_dict().items():
-                tensors[f"norm.{layer_name}.{key}"] = value.detach().cpu().contiguous()
+            changed = changed_norm_tensors(norm.norms[task], norm.base_layer)
+            tensors.update({f"norm.{layer_name}.{key}": v for key, v in changed.items()})
     meta = {
         "format_version": FORMAT_VERSION,
         "library_version": library_version(),
@@ -120,6 +122,19 @@ def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
     data = safetensors_save(tensors, metadata={"format": FORMAT, "piggyback": json.dumps(meta)})
     write_atomic(path, data)
     return path
+
+
+def changed_norm_tensors(trained: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
+    """A task's norm layer as stored: the floating-point tensors that differ from the
+    backbone's own layer, at 16 bits (NORM_DTYPE); loading takes the rest from the
+    backbone. BatchNorm's `num_batches_tracked`, a counter no forward pass reads, is not
+    stored."""
+    base_state = base.state_dict()
+    return {
+        key: value.detach().to(NORM_DTYPE).cpu().contiguous()
+        for key, value in trained.state_dict().items()
+        if value.is_floating_point() and not torch.equal(value, base_state[key])
+    }
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -205,7 +220,7 @@ def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = Non
         task,
         num_classes,
         class_names=meta.get("class_names"),
-        train_bn=bool(norm_states),
+        train_bn=bool(norm_states) or meta.get("train_bn") is True,
         masks=masks,
         mask_kind=kind,
         metadata=meta.get("metadata") or {},
@@ -213,7 +228,11 @@ def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = Non
     try:
         model.head.heads[task].load_state_dict(head_state)
         for layer, state in norm_states.items():
-            model.norms[layer].norms[task].load_state_dict(state)
+            own = model.norms[layer].norms[task]
+            full = own.state_dict()  # a copy of the backbone's layer: what was not stored
+            for key, value in state.items():
+                full[key] = value.to(full[key].dtype) if key in full else value
+            own.load_state_dict(full)
     except RuntimeError as exc:
         model.remove_task(task)
         raise BackboneMismatchError(f"{path}: head or norm tensors do not fit: {exc}") from exc

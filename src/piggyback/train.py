@@ -1,4 +1,4 @@
-"""Training: the paper's recipe as plain functions over any model and loader.
+"""Training: plain functions over any model and loader, with the default recipe.
 
 `fit` adds one task to a PiggybackModel with one of three methods, so they can be
 compared side by side: "piggyback" (learn the mask and the head), "classifier"
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
-from .errors import ConfigError
+from .errors import ConfigError, DegenerateTaskWarning
 from .model import PiggybackModel
+from .recipes import DEFAULT_RECIPE, RECIPES
 from .store import write_atomic
 
 Method = Literal["piggyback", "classifier", "finetune"]
@@ -37,8 +39,12 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are the paper's: Adam at 1e-4, batch 32, 30 epochs,
-    lr x0.1 every 15 epochs, no weight decay.
+    """One training run. Defaults are the "default" recipe (`piggyback.recipes`): Adam,
+    scores lr 3e-4, head 1e-3, batch 32, 30 epochs, lr x0.1 every 15 epochs, no weight
+    decay; `for_recipe("paper")` gives the paper's learning rates.
+
+    A task with its own BatchNorm layers gets their statistics re-estimated after every
+    epoch from `recalibrate_images` training images under the current mask (0: never).
 
     `batch_size` is the global batch: under torchrun each of W processes takes
     batch_size / W of it. `amp` runs forward passes under torch.autocast (scores, masks
@@ -53,8 +59,8 @@ class TrainConfig:
     method: Method = "piggyback"
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 1e-4
-    head_lr: float = 1e-4
+    lr: float = DEFAULT_RECIPE.lr
+    head_lr: float = DEFAULT_RECIPE.head_lr
     lr_decay: float = 0.1
     lr_decay_every: int = 15
     weight_decay: float = 0.0
@@ -65,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     amp: Amp | None = None
     sync_bn: bool = False
+    recalibrate_images: int = 1024
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +88,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if (
+            isinstance(self.recalibrate_images, bool)
+            or not isinstance(self.recalibrate_images, int)
+            or self.recalibrate_images < 0
+        ):
+            raise ConfigError(
+                f"recalibrate_images must be an integer >= 0, got {self.recalibrate_images!r}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
         device = resolve_device(self.device)
@@ -92,6 +107,14 @@ class TrainConfig:
             raise ConfigError(
                 f"sync_bn=True needs CUDA (PyTorch's SyncBatchNorm), the device is {device}"
             )
+
+    @classmethod
+    def for_recipe(cls, recipe: str, **settings: Any) -> TrainConfig:
+        """The config of a named recipe (`piggyback.recipes.RECIPES`), `settings` on top."""
+        if recipe not in RECIPES:
+            raise ConfigError(f"recipe={recipe!r} is not known; expected one of {list(RECIPES)}")
+        chosen = RECIPES[recipe]
+        return cls(**{"lr": chosen.lr, "head_lr": chosen.head_lr, **settings})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -124,6 +147,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     task_file: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -222,12 +246,23 @@ def prepare_task(
     train_bn: bool | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Add `task` and return the network to train with its optimizer parameter groups."""
+    """Add `task` and return the network to train with its optimizer parameter groups.
+
+    The baselines start from the plain backbone whatever the mask config says: their
+    task holds an all-ones mask, and the classifier trains the head alone (no norms).
+    """
+    baseline = config.method != "piggyback"
+    masks = (
+        {name: torch.ones_like(layer.weight, dtype=torch.int8)
+         for name, layer in model.masked_layers.items()}
+        if baseline else None
+    )  # fmt: skip
     model.add_task(
         task,
         data.num_classes,
         class_names=data.class_names,
-        train_bn=train_bn,
+        train_bn=False if config.method == "classifier" else train_bn,
+        masks=masks,
         metadata={**(metadata or {}), "method": config.method},
     )
     model.set_task(task)
@@ -237,18 +272,68 @@ def prepare_task(
         body = [p for p in network.parameters() if id(p) not in head]
         heads = [p for p in network.parameters() if id(p) in head]
         return network, [{"params": body, "lr": config.lr}, {"params": heads, "lr": config.head_lr}]
-    scores = model.trainable_parameters(task, "scores")
     rest = model.trainable_parameters(task, "head") + model.trainable_parameters(task, "norm")
     groups = [{"params": rest, "lr": config.head_lr}]
-    if config.method == "piggyback":
-        groups.insert(0, {"params": scores, "lr": config.lr})
-    # Only what the optimizer trains requires grad (not the classifier's scores, not the
-    # heads of earlier tasks): DistributedDataParallel all-reduces exactly those.
+    if not baseline:
+        groups.insert(0, {"params": model.trainable_parameters(task, "scores"), "lr": config.lr})
+    # Only what the optimizer trains requires grad (not the heads of earlier tasks):
+    # DistributedDataParallel all-reduces exactly those.
     model.requires_grad_(False)
     for group in groups:
         for param in group["params"]:
             param.requires_grad_(True)
     return model, groups
+
+
+@torch.no_grad()
+def recalibrate_norms(
+    model: PiggybackModel,
+    task: str,
+    data: TaskData,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    seed: int,
+) -> None:
+    """Re-estimate the task's BatchNorm statistics under its current mask.
+
+    While masks train, a BatchNorm normalises with batch statistics, but its running
+    averages trail the masks by many steps: evaluated with them, a network whose masks
+    just moved can fall to chance. The average over `config.recalibrate_images` training
+    images, with the mask as it is now, is what evaluation and the task file then use.
+    Under torchrun each process measures its share and the means are averaged.
+    """
+    norms = [
+        m.norms[task]
+        for m in model.norms.values()
+        if task in m.norms and isinstance(m.norms[task], nn.modules.batchnorm._BatchNorm)
+    ]
+    norms = [n for n in norms if n.track_running_stats]
+    if not norms or not config.recalibrate_images:
+        return
+    was_training, active = model.training, model.active_task
+    model.set_task(task).eval()
+    momenta = [n.momentum for n in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+        norm.train()
+    batch = max(1, config.batch_size // distributed.world_size())
+    share = math.ceil(config.recalibrate_images / distributed.world_size())
+    loader = make_loader(distributed.shard(data.train), batch, shuffle=True, seed=seed)
+    try:
+        seen = 0
+        for images, _ in loader:
+            with autocast(device, config.amp):
+                model(images.to(device))
+            seen += len(images)
+            if seen >= share:
+                break
+        distributed.average_(t for n in norms for t in (n.running_mean, n.running_var))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.set_task(active).train(was_training)
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -347,6 +432,9 @@ def fit(
                 scaler=scaler,
             )
             distributed.average_(buffers)
+            if config.method == "piggyback":
+                recalibrate_norms(model, task, data, config, device, seed=epoch_seed)
+            epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             val = evaluate(
                 network, val_loader, device, data.num_classes, progress=False, amp=config.amp
@@ -357,7 +445,7 @@ def fit(
                 "train_acc": train_metrics["acc"],
                 "val_loss": val["loss"],
                 "val_top1": val["top1"],
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": epoch_lr,
             }
             if config.method != "finetune":
                 row["kept"] = model.mask_stats(task).kept
@@ -388,11 +476,16 @@ def fit(
                 )
     if best["state"] is not None:
         network.load_state_dict(best["state"], strict=False)
-    val = evaluate(network, val_loader, device, data.num_classes, progress=False, amp=config.amp)
-    test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
     if config.method != "finetune":
         model.freeze_task(task)  # in every process, so that all hold the same model
+    # Measured as saved: the frozen task is what its file reloads to.
+    val = evaluate(network, val_loader, device, data.num_classes, progress=False, amp=config.amp)
+    test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
     task_file = save_result_model(model, network, task, config.method, out) if main else None
+    kept = model.mask_stats(task).kept if config.method == "piggyback" else None
+    problems = degenerate_task_problems(val["top1"], data.num_classes, kept)
+    for problem in problems:
+        warnings.warn(f"task {task!r}: {problem}", DegenerateTaskWarning, stacklevel=2)
     result = FitResult(
         task=task,
         method=config.method,
@@ -402,11 +495,33 @@ def fit(
         history=history,
         seconds=time.perf_counter() - started,
         task_file=task_file,
+        warnings=problems,
     )
     if main:
         write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
     distributed.barrier()  # the files are whole before any process goes on
     return result
+
+
+def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | None) -> list[str]:
+    """What is wrong with a trained task, in words a user can act on (empty: nothing).
+
+    `kept` is the fraction of weights the final mask keeps (None: no mask trained).
+    """
+    problems = []
+    chance = 1 / num_classes
+    if num_classes > 1 and val_top1 <= chance + 0.05:
+        problems.append(
+            f"validation top-1 {val_top1:.3f} is at chance ({chance:.3f}): the network "
+            "collapsed. Try a lower --lr, per-task norms (--train-bn) or --recipe default"
+        )
+    if kept is not None and kept >= 1.0:
+        problems.append(
+            "the saved mask keeps every weight, so this task is only a new head on frozen "
+            "features (what --method classifier trains). Train longer (--epochs) or raise "
+            "the scores' learning rate (--lr)"
+        )
+    return problems
 
 
 def save_result_model(

@@ -1,0 +1,96 @@
+"""The default recipe: it must not collapse where the paper's frozen norms do.
+
+The guard is a real run of the embedded EfficientNet-Lite0 on animal silhouettes at
+96 px, long enough (30 steps) for the scores to cross the threshold: with frozen
+BatchNorm (the paper's recipe at scores lr 3e-4) the network falls to chance there, so
+`test_default_recipe_beats_the_classifier` fails on the code before per-task norms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from piggyback import MaskConfig, PiggybackModel
+from piggyback.backbones import create_backbone, input_spec
+from piggyback.data import TaskData, load_task_data
+from piggyback.errors import ConfigError, DegenerateTaskWarning
+from piggyback.recipes import RECIPES
+from piggyback.train import TrainConfig, degenerate_task_problems, fit, recalibrate_norms
+
+
+@pytest.fixture(scope="module")
+def silhouettes() -> TaskData:
+    pytest.importorskip("animal_mnist")
+    spec = input_spec(create_backbone("efficientnet_lite0"), size=96)
+    return load_task_data("animals", spec, seed=0, limit=320)
+
+
+def fit_embedded(
+    data: TaskData, method: str, out: Path, mask: MaskConfig | None = None
+) -> tuple[float, PiggybackModel]:
+    model = PiggybackModel(create_backbone("efficientnet_lite0"), mask)
+    config = TrainConfig(method=method, epochs=3, lr_decay_every=2, device="cpu", progress=False)
+    return fit(model, "animals", data, config, out).test["top1"], model
+
+
+@pytest.mark.slow
+def test_default_recipe_beats_the_classifier(silhouettes: TaskData, tmp_path: Path) -> None:
+    classifier, _ = fit_embedded(silhouettes, "classifier", tmp_path / "classifier")
+    masked, model = fit_embedded(silhouettes, "piggyback", tmp_path / "piggyback")
+    assert model.mask_stats("animals").kept < 1.0, "the mask must really have moved"
+    assert masked > classifier, f"piggyback {masked:.3f} vs classifier-only {classifier:.3f}"
+
+
+def test_recipes_set_the_defaults() -> None:
+    default, paper = RECIPES["default"], RECIPES["paper"]
+    assert MaskConfig().train_bn is default.train_bn is True
+    assert (TrainConfig().lr, TrainConfig().head_lr) == (default.lr, default.head_lr)
+    config = TrainConfig.for_recipe("paper", epochs=2)
+    assert (config.lr, config.head_lr, config.epochs) == (paper.lr, paper.head_lr, 2)
+    assert TrainConfig.for_recipe("paper", lr=1e-3).lr == 1e-3
+    with pytest.raises(ConfigError, match="recipe='fast' is not known"):
+        TrainConfig.for_recipe("fast")
+
+
+def test_degenerate_tasks_are_named() -> None:
+    assert degenerate_task_problems(0.9, 10, 0.97) == []
+    (collapsed,) = degenerate_task_problems(0.11, 10, 0.9)
+    assert "at chance" in collapsed and "--lr" in collapsed
+    (unmasked,) = degenerate_task_problems(0.9, 10, 1.0)
+    assert "keeps every weight" in unmasked and "--method classifier" in unmasked
+    assert degenerate_task_problems(0.52, 2, None)  # two classes: 0.5 is chance
+
+
+def test_recalibration_measures_the_current_mask(images: torch.Tensor) -> None:
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    data = TaskData(
+        train=torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+        val=[],
+        test=[],
+        class_names=["a"],
+    )
+    model.add_task("a", 1)
+    norm = model.norms["bn"].norms["a"]
+    config = TrainConfig(batch_size=6, recalibrate_images=6, device="cpu")
+    recalibrate_norms(model, "a", data, config, torch.device("cpu"), seed=0)
+    model.set_task("a")
+    stem = model.masked_layers["stem"]
+    with torch.no_grad():  # the statistics of the stem's output over all six images
+        out = stem(images)
+    torch.testing.assert_close(norm.running_mean, out.mean((0, 2, 3)))
+    torch.testing.assert_close(norm.running_var, out.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.1  # restored after the cumulative average
+
+
+def test_warning_for_a_mask_that_never_moved(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    data = load_task_data("digits", input_spec(make_tiny(), size=8), seed=0, limit=32)
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=False))
+    config = TrainConfig(epochs=1, lr=1e-6, device="cpu", progress=False)
+    with pytest.warns(DegenerateTaskWarning, match="keeps every weight"):
+        result = fit(model, "digits", data, config, tmp_path)
+    assert any("keeps every weight" in w for w in result.warnings)
