@@ -13,11 +13,15 @@ initialised backbone (masks of random weights).
     python bench/accuracy.py --size 128 --limit 600 --epochs 3   # native-resolution table
     python bench/accuracy.py --size 64 --methods classifier piggyback
     python bench/accuracy.py --quick                             # seconds: the CI smoke run
+
+One process per seed runs them side by side (`--seeds 0 --out s0.json`, ...); `--merge
+s0.json s1.json s2.json` then tabulates them together.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -170,6 +174,39 @@ def grid(runs: list[dict[str, Any]], picked: list[dict[str, Any]]) -> list[dict[
     return rows
 
 
+def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every method, sweep setting, task and seed that `args` asks for, in turn."""
+    spec = input_spec(create_backbone(DEFAULT_BACKBONE), size=args.size)
+    runs = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            data = load_task_data(task, spec, seed=seed, limit=args.limit)
+            for method in args.methods:
+                sweep = VARIANTS[method].sweep[:1] if args.no_sweep else VARIANTS[method].sweep
+                for setting in sweep:
+                    runs.append(run(Path(task).name, task, data, method, setting, seed, args))
+                    print(markdown_table(runs[-1:], list(runs[-1])), flush=True)
+    return runs
+
+
+def merged_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs of earlier results files; their settings must agree but for the seeds."""
+    payloads = [json.loads(path.read_text()) for path in args.merge]
+    first = payloads[0]["settings"]
+    same = ("size", "limit", "epochs", "batch_size", "no_sweep")
+    for path, payload in zip(args.merge, payloads, strict=True):
+        if any(payload["settings"][key] != first[key] for key in same):
+            raise SystemExit(f"{path} was run with other settings than {args.merge[0]}")
+    for key in (*same, "tasks"):
+        setattr(args, key, first[key])
+    seeds = [seed for p in payloads for seed in p["settings"]["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"the files share seeds ({seeds}): merge runs of different seeds")
+    args.seeds = sorted(seeds)
+    args.methods = [m for m in VARIANTS if any(m in p["settings"]["methods"] for p in payloads)]
+    return [row for payload in payloads for row in payload["runs"]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS),
@@ -185,25 +222,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results/accuracy.json")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="train nothing: tabulate the runs of these results files "
+                        "(e.g. one per seed, run in parallel)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.size, args.limit, args.epochs = ["digits"], 32, 64, 1
         args.seeds, args.no_sweep = [0, 1], True
-    spec = input_spec(create_backbone(DEFAULT_BACKBONE), size=args.size)
-    runs = []
-    for seed in args.seeds:
-        for task in args.tasks:
-            data = load_task_data(task, spec, seed=seed, limit=args.limit)
-            for method in args.methods:
-                sweep = VARIANTS[method].sweep[:1] if args.no_sweep else VARIANTS[method].sweep
-                for setting in sweep:
-                    runs.append(run(Path(task).name, task, data, method, setting, seed, args))
-                    print(markdown_table(runs[-1:], list(runs[-1])), flush=True)
+    runs = merged_runs(args) if args.merge else train_all(args)
     picked = chosen(runs)
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     table = summary(picked, args.methods, tasks)
     grid_rows = grid(runs, picked) if {"classifier", "piggyback"} <= set(args.methods) else []
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")}
+    settings = {k: (list(map(str, v)) if k == "merge" and v else v) for k, v in vars(args).items()
+                if k not in ("out", "no_progress")}  # fmt: skip
     print(f"\nsettings: {settings}\n\ntest top-1 (%), mean ± std over seeds {args.seeds}, "
           f"each cell's setting chosen on validation:\n\n"
           f"{markdown_table(table, ['task', *args.methods])}")  # fmt: skip

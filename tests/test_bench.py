@@ -34,11 +34,18 @@ def test_speed_bench(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_accuracy_bench(tmp_path: Path) -> None:
-    rows = run_bench("accuracy", tmp_path, "--work", str(tmp_path / "work"))["results"]
-    methods = {r["method"] for r in rows}
-    assert {"classifier", "piggyback", "finetune", "random-piggyback"} <= methods
-    assert all(0 <= r["test_top1"] <= 100 for r in rows)
-    assert any(r["task"] == "mean" for r in rows)
+    payload = run_bench("accuracy", tmp_path, "--work", str(tmp_path / "work"))
+    runs = payload["runs"]
+    methods = {"classifier", "piggyback", "paper", "ternary", "finetune"}
+    assert {r["method"] for r in runs} == methods
+    assert {r["seed"] for r in runs} == {0, 1} and all(0 <= r["val_top1"] <= 100 for r in runs)
+    for row in payload["chosen"]:  # the setting best on validation, per task, seed and method
+        rivals = [r for r in runs if (r["task"], r["seed"], r["method"]) ==
+                  (row["task"], row["seed"], row["method"])]  # fmt: skip
+        assert row["val_top1"] == max(r["val_top1"] for r in rivals)
+    assert [r["task"] for r in payload["summary"]] == ["digits", "mean"]
+    assert " ± " in payload["summary"][0]["piggyback"]
+    assert payload["grid"][0]["runs"] == 2
 
 
 @pytest.mark.slow

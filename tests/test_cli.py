@@ -12,6 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
+from piggyback.cli import _train_config, build_parser
+
 SCRIPT = str(Path(sys.executable).parent / "piggyback")
 
 
@@ -48,12 +50,28 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (3e-4, 1e-3, True)),
+        (["--recipe", "paper"], (1e-4, 1e-4, False)),
+        (["--recipe", "paper", "--lr", "1e-3", "--train-bn"], (1e-3, 1e-4, True)),
+        (["--no-train-bn", "--head-lr", "0.01"], (3e-4, 1e-2, False)),
+    ],
+)
+def test_recipe_fills_what_flags_leave_open(flags: list[str], expected: tuple) -> None:
+    args = build_parser().parse_args(["train", "--data", "digits", *flags])
+    config = _train_config(args)
+    assert (config.lr, config.head_lr, args.train_bn) == expected
+
+
 @pytest.mark.slow
 def test_train_writes_resolved_settings(trained: Path) -> None:
     settings = yaml.safe_load((trained / "settings.yaml").read_text())
     assert settings["epochs"] == 1, "a flag must override the config file"
     assert settings["lr"] == 1e-2 and settings["size"] == 32
     assert settings["backbone"] == "efficientnet_lite0"
+    assert settings["recipe"] == "default" and settings["train_bn"] is True
     assert (trained / "digits.safetensors").exists()
     assert (trained / "metrics.jsonl").read_text().count("\n") == 1
 

@@ -14,7 +14,7 @@ import piggyback.train as train_module
 from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
 from piggyback.data import TaskData, load_task_data
-from piggyback.train import TrainConfig, fit
+from piggyback.train import TrainConfig, fit, prepare_task
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
@@ -54,6 +54,23 @@ def test_classifier_keeps_all_weights(digits: TaskData, tmp_path: Path) -> None:
     model = PiggybackModel(make_tiny())
     fit(model, "digits", digits, quick("classifier"), tmp_path)
     assert model.mask_stats("digits").kept == 1.0
+
+
+def test_baselines_start_from_the_plain_backbone(digits: TaskData, tmp_path: Path) -> None:
+    """Whatever the mask config, a baseline never sees a mask or a task's own norms."""
+    config = MaskConfig(init="uniform", threshold_fn="ternarizer", train_bn=True)
+    model = PiggybackModel(make_tiny(), config)
+    fit(model, "c", digits, quick("classifier", epochs=1), tmp_path / "c")
+    assert model.mask_stats("c").kept == 1.0 and model.mask_stats("c").layers[0].negative == 0
+    assert not model.task_info["c"].train_bn
+    network, _ = prepare_task(model, "f", digits, quick("finetune"))
+    for name, layer in model.masked_layers.items():
+        assert torch.equal(network.get_submodule(name).weight, layer.weight), name
+
+
+def test_epoch_lr_is_the_one_it_trained_with(digits: TaskData, tmp_path: Path) -> None:
+    result = fit(PiggybackModel(make_tiny()), "d", digits, quick(lr_decay_every=1), tmp_path)
+    assert [row["lr"] for row in result.history] == pytest.approx([5e-3, 5e-4])
 
 
 def test_finetune_trains_a_copy(digits: TaskData, tmp_path: Path) -> None:
