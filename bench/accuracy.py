@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import timm
 from _common import markdown_table, write_results
 from torch import nn
 
-from piggyback import MaskConfig, PiggybackModel
+from piggyback import MaskConfig, PiggybackModel, read_task_file
 from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
 from piggyback.data import BUILTIN_TASKS, TaskData, load_task_data
 from piggyback.recipes import RECIPES
@@ -98,24 +97,24 @@ def run(
         progress=not args.no_progress,
         **setting,
     )
-    model = PiggybackModel(backbone_for(variant), config)
-    started = time.perf_counter()
     label = ",".join(f"{k}={v}" for k, v in setting.items()) or "-"
     out = Path(args.work) / f"{args.size}px" / name / task / f"seed{seed}" / label
-    # What `piggyback eval/predict` read back: the input size, the data, the backbone
-    # (none for a random one, which no name recreates).
-    metadata = {"size": args.size, "data": source, "seed": seed, "limit": args.limit}
-    if not variant.random_backbone:
-        metadata["backbone"] = DEFAULT_BACKBONE
-    result = fit(model, task, data, train, out, metadata=metadata)
+    if not (args.reuse and (out / "result.json").exists()):
+        model = PiggybackModel(backbone_for(variant), config)
+        # What `piggyback eval/predict` read back: the input size, the data, the backbone
+        # (none for a random one, which no name recreates).
+        metadata = {"size": args.size, "data": source, "seed": seed, "limit": args.limit}
+        if not variant.random_backbone:
+            metadata["backbone"] = DEFAULT_BACKBONE
+        fit(model, task, data, train, out, metadata=metadata)
+    result = json.loads((out / "result.json").read_text())
     row = {"task": task, "seed": seed, "method": name, "setting": label,
-           "val_top1": 100 * result.val["top1"], "test_top1": 100 * result.test["top1"],
-           "best_epoch": result.best_epoch}  # fmt: skip
-    row["seconds"] = round(time.perf_counter() - started)
-    if result.task_file is not None:
-        row["task_bytes"] = result.task_file.stat().st_size
+           "val_top1": 100 * result["val"]["top1"], "test_top1": 100 * result["test"]["top1"],
+           "best_epoch": result["best_epoch"], "seconds": round(result["seconds"])}  # fmt: skip
+    task_file = Path(result["task_file"])
+    row["task_bytes"] = task_file.stat().st_size
     if variant.method == "piggyback":
-        row["kept"] = model.mask_stats(task).kept
+        row["kept"] = read_task_file(task_file)[0]["mask"]["kept"]
     return row
 
 
@@ -221,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="runs/bench/accuracy", help="task files and logs")
     parser.add_argument("--out", default="bench/results/accuracy.json")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="runs whose --work folder holds a result.json are done")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="train nothing: tabulate the runs of these results files "

@@ -29,7 +29,7 @@ from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
 from piggyback.data import load_task_data, make_loader
 from piggyback.layers import TaskNorm
 from piggyback.recipes import RECIPES
-from piggyback.train import TrainConfig, prepare_task, recalibrate_norms
+from piggyback.train import TrainConfig, prepare_task, recalibrate_norms, start_norms_as_backbone
 
 
 def norm_outputs(model: PiggybackModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(groups)
     probe = next(iter(make_loader(data.val, 32, shuffle=False)))[0]
-    recalibrate_norms(model, args.task, data, config, device, seed=0)
+    start_norms_as_backbone(model, args.task, data, config, device)  # as `fit` does
     network.eval()
     model.set_task(args.task)
     before = norm_outputs(model, probe)  # the task's network before any weight is dropped

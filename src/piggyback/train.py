@@ -285,7 +285,47 @@ def prepare_task(
     return model, groups
 
 
-@torch.no_grad()
+def task_batchnorms(
+    model: PiggybackModel, task: str
+) -> list[tuple[nn.modules.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm]]:
+    """(the task's own, the backbone's) pairs of BatchNorm layers with running statistics:
+    the layers whose statistics the recipe re-estimates."""
+    pairs = []
+    for wrapper in model.norms.values():
+        own, base = wrapper.layer_for(task), wrapper.base_layer
+        batchnorm = isinstance(own, nn.modules.batchnorm._BatchNorm)
+        if own is not base and batchnorm and own.track_running_stats:
+            pairs.append((own, base))
+    return pairs
+
+
+def _run_task_images(
+    model: PiggybackModel,
+    task: str,
+    data: TaskData,
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> None:
+    """Forward `config.recalibrate_images` training images (each process its share)
+    through the task's network in eval mode, without gradients, to measure statistics."""
+    was_training, active = model.training, model.active_task
+    model.set_task(task).eval()
+    batch = max(1, config.batch_size // distributed.world_size())
+    share = math.ceil(config.recalibrate_images / distributed.world_size())
+    loader = make_loader(distributed.shard(data.train), batch, shuffle=True, seed=seed)
+    try:
+        seen = 0
+        for images, _ in loader:
+            with torch.no_grad(), autocast(device, config.amp):
+                model(images.to(device))
+            seen += len(images)
+            if seen >= share:
+                break
+    finally:
+        model.set_task(active).train(was_training)
+
+
 def recalibrate_norms(
     model: PiggybackModel,
     task: str,
@@ -303,37 +343,72 @@ def recalibrate_norms(
     images, with the mask as it is now, is what evaluation and the task file then use.
     Under torchrun each process measures its share and the means are averaged.
     """
-    norms = [
-        m.norms[task]
-        for m in model.norms.values()
-        if task in m.norms and isinstance(m.norms[task], nn.modules.batchnorm._BatchNorm)
-    ]
-    norms = [n for n in norms if n.track_running_stats]
+    norms = [own for own, _ in task_batchnorms(model, task)]
     if not norms or not config.recalibrate_images:
         return
-    was_training, active = model.training, model.active_task
-    model.set_task(task).eval()
     momenta = [n.momentum for n in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
-        norm.train()
-    batch = max(1, config.batch_size // distributed.world_size())
-    share = math.ceil(config.recalibrate_images / distributed.world_size())
-    loader = make_loader(distributed.shard(data.train), batch, shuffle=True, seed=seed)
+
+    def batch_statistics(module: nn.Module, _inputs: tuple) -> None:
+        module.train()  # this layer alone: the rest of the network stays in eval mode
+
+    hooks = [norm.register_forward_pre_hook(batch_statistics) for norm in norms]
     try:
-        seen = 0
-        for images, _ in loader:
-            with autocast(device, config.amp):
-                model(images.to(device))
-            seen += len(images)
-            if seen >= share:
-                break
+        _run_task_images(model, task, data, config, device, seed)
         distributed.average_(t for n in norms for t in (n.running_mean, n.running_var))
     finally:
+        for hook in hooks:
+            hook.remove()
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-        model.set_task(active).train(was_training)
+            norm.train(model.training)
+
+
+@torch.no_grad()
+def start_norms_as_backbone(
+    model: PiggybackModel, task: str, data: TaskData, config: TrainConfig, device: torch.device
+) -> None:
+    """Start the task's own BatchNorm layers where the frozen backbone is.
+
+    In training mode a BatchNorm normalises with the batch's statistics, which on a new
+    domain can be far from the backbone's running ones (a channel nearly constant on
+    grey images would be scaled up by orders of magnitude). So each of the task's layers
+    takes the mean and variance of its input on the task's images under the plain
+    backbone, and sets its affine parameters so that normalising with them gives what
+    the frozen layer gives: ``gamma' = gamma * sigma_task / sigma_backbone`` and
+    ``beta' = beta + gamma * (mu_task - mu_backbone) / sigma_backbone``. The task starts
+    as the plain backbone, and a mask that shifts a channel is still re-centred by the
+    batch statistics. Call it before the mask or the norms have trained.
+    """
+    pairs = [(own, base) for own, base in task_batchnorms(model, task) if own.affine]
+    if not pairs or not config.recalibrate_images:
+        return
+    sums: dict[int, torch.Tensor] = {}  # per layer: (mean, variance) summed over batches
+    batches: dict[int, int] = {}
+
+    def measure(module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].float()
+        dims = [0, *range(2, x.dim())]
+        key = id(module)
+        sums[key] = sums.get(key, 0) + torch.stack([x.mean(dims), x.var(dims)])
+        batches[key] = batches.get(key, 0) + 1
+
+    hooks = [own.register_forward_pre_hook(measure) for own, _ in pairs]
+    try:  # the task's own layers are still copies of the backbone's: the plain network
+        _run_task_images(model, task, data, config, device, config.seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    moments = [sums[id(own)] / batches[id(own)] for own, _ in pairs]
+    distributed.average_(moments)
+    for (own, base), (mean, var) in zip(pairs, moments, strict=True):
+        own.running_mean.copy_(mean)
+        own.running_var.copy_(var)
+        base_sigma = (base.running_var + base.eps).sqrt()
+        own.weight.copy_(base.weight * (var + own.eps).sqrt() / base_sigma)
+        own.bias.copy_(base.bias + base.weight * (mean - base.running_mean) / base_sigma)
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -396,6 +471,8 @@ def fit(
         start_epoch, history, best = load_checkpoint(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
+    elif config.method == "piggyback":
+        start_norms_as_backbone(model, task, data, config, device)
     if not distributed.all_equal(start_epoch):
         raise ConfigError(
             f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
@@ -513,7 +590,9 @@ def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | No
     if num_classes > 1 and val_top1 <= chance + 0.05:
         problems.append(
             f"validation top-1 {val_top1:.3f} is at chance ({chance:.3f}): the network "
-            "collapsed. Try a lower --lr, per-task norms (--train-bn) or --recipe default"
+            "learned nothing or collapsed. Check the labels, train longer or try another "
+            "--lr; with frozen norms (--no-train-bn, --recipe paper) a moving mask can "
+            "collapse the network (docs/method.md)"
         )
     if kept is not None and kept >= 1.0:
         problems.append(
