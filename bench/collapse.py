@@ -28,8 +28,9 @@ from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
 from piggyback.data import load_task_data, make_loader
 from piggyback.layers import TaskNorm
+from piggyback.norms import recalibrate_norms, start_norms_as_backbone
 from piggyback.recipes import RECIPES
-from piggyback.train import TrainConfig, prepare_task, recalibrate_norms, start_norms_as_backbone
+from piggyback.train import TrainConfig, prepare_task
 
 
 def norm_outputs(model: PiggybackModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,13 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     data = load_task_data(args.task, input_spec(model.backbone, args.size), seed=args.seed,
                           limit=args.limit)  # fmt: skip
     lr = args.lr if args.lr is not None else recipe.lr
-    config = TrainConfig.for_recipe(args.recipe, lr=lr, seed=args.seed, progress=False,
-                                    recalibrate_images=256)  # fmt: skip
+    config = TrainConfig.for_recipe(args.recipe, lr=lr, seed=args.seed, progress=False)
     network, groups = prepare_task(model, args.task, data, config)
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(groups)
     probe = next(iter(make_loader(data.val, 32, shuffle=False)))[0]
-    start_norms_as_backbone(model, args.task, data, config, device)  # as `fit` does
+    # as `fit` does; then re-estimated on 256 images at every logged step
+    start_norms_as_backbone(model, args.task, data.train, device, count=1024, batch_size=32,
+                            seed=args.seed)  # fmt: skip
     network.eval()
     model.set_task(args.task)
     before = norm_outputs(model, probe)  # the task's network before any weight is dropped
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         dropped = {n: int((s <= mask.threshold).sum()) for n, s in scores.items()}
         moved = torch.cat([(s.detach() - start[n]).abs().flatten() for n, s in scores.items()])
         worst = sorted(dropped, key=lambda n: dropped[n] / scores[n].numel(), reverse=True)[:2]
-        recalibrate_norms(model, args.task, data, config, device, seed=step)
+        recalibrate_norms(model, args.task, data.train, device, count=256, batch_size=32,
+                          seed=step)  # fmt: skip
         network.eval()
         row = {
             "step": step,

@@ -14,20 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
+from torch.utils.data import TensorDataset
 
 from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import create_backbone, input_spec
 from piggyback.data import TaskData, load_task_data
 from piggyback.errors import ConfigError, DegenerateTaskWarning
+from piggyback.norms import recalibrate_norms, start_norms_as_backbone
 from piggyback.recipes import RECIPES
-from piggyback.train import (
-    FitResult,
-    TrainConfig,
-    degenerate_task_problems,
-    fit,
-    recalibrate_norms,
-    start_norms_as_backbone,
-)
+from piggyback.train import FitResult, TrainConfig, degenerate_task_problems, fit
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +74,10 @@ def test_degenerate_tasks_are_named() -> None:
 
 def test_recalibration_measures_the_current_mask(images: torch.Tensor) -> None:
     model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
-    data = TaskData(
-        train=torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
-        val=[],
-        test=[],
-        class_names=["a"],
-    )
+    dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     model.add_task("a", 1)
     norm = model.norms["bn"].norms["a"]
-    config = TrainConfig(batch_size=6, recalibrate_images=6, device="cpu")
-    recalibrate_norms(model, "a", data, config, torch.device("cpu"), seed=0)
+    recalibrate_norms(model, "a", dataset, CPU, count=6, batch_size=6, seed=0)
     model.set_task("a")
     stem = model.masked_layers["stem"]
     with torch.no_grad():  # the statistics of the stem's output over all six images
@@ -111,12 +102,11 @@ def test_task_norms_start_as_the_backbone(images: torch.Tensor) -> None:
     the frozen backbone's output until the mask moves: exactly with running statistics,
     and up to the variance's bias with batch statistics on the measured images."""
     model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
-    labels = torch.zeros(len(images), dtype=torch.long)
-    data = TaskData(torch.utils.data.TensorDataset(images * 3 + 1, labels), [], [], list("abcd"))
+    dataset = TensorDataset(images * 3 + 1, torch.zeros(len(images), dtype=torch.long))
     model.add_task("a", 4)
     model.head.heads["a"].load_state_dict(model.head.base_layer.state_dict())
     norm = model.norms["bn"].norms["a"]
-    start_norms_as_backbone(model, "a", data, TrainConfig(batch_size=6), torch.device("cpu"))
+    start_norms_as_backbone(model, "a", dataset, CPU, count=6, batch_size=6, seed=0)
     assert not torch.equal(norm.running_mean, model.norms["bn"].base_layer.running_mean)
     model.eval()
     with torch.no_grad():

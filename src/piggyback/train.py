@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError, DegenerateTaskWarning
 from .model import PiggybackModel
+from .norms import recalibrate_norms, start_norms_as_backbone
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .store import write_atomic
 
@@ -285,130 +286,14 @@ def prepare_task(
     return model, groups
 
 
-def task_batchnorms(
-    model: PiggybackModel, task: str
-) -> list[tuple[nn.modules.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm]]:
-    """(the task's own, the backbone's) pairs of BatchNorm layers with running statistics:
-    the layers whose statistics the recipe re-estimates."""
-    pairs = []
-    for wrapper in model.norms.values():
-        own, base = wrapper.layer_for(task), wrapper.base_layer
-        batchnorm = isinstance(own, nn.modules.batchnorm._BatchNorm)
-        if own is not base and batchnorm and own.track_running_stats:
-            pairs.append((own, base))
-    return pairs
-
-
-def _run_task_images(
-    model: PiggybackModel,
-    task: str,
-    data: TaskData,
-    config: TrainConfig,
-    device: torch.device,
-    seed: int,
-) -> None:
-    """Forward `config.recalibrate_images` training images (each process its share)
-    through the task's network in eval mode, without gradients, to measure statistics."""
-    was_training, active = model.training, model.active_task
-    model.set_task(task).eval()
-    batch = max(1, config.batch_size // distributed.world_size())
-    share = math.ceil(config.recalibrate_images / distributed.world_size())
-    loader = make_loader(distributed.shard(data.train), batch, shuffle=True, seed=seed)
-    try:
-        seen = 0
-        for images, _ in loader:
-            with torch.no_grad(), autocast(device, config.amp):
-                model(images.to(device))
-            seen += len(images)
-            if seen >= share:
-                break
-    finally:
-        model.set_task(active).train(was_training)
-
-
-def recalibrate_norms(
-    model: PiggybackModel,
-    task: str,
-    data: TaskData,
-    config: TrainConfig,
-    device: torch.device,
-    *,
-    seed: int,
-) -> None:
-    """Re-estimate the task's BatchNorm statistics under its current mask.
-
-    While masks train, a BatchNorm normalises with batch statistics, but its running
-    averages trail the masks by many steps: evaluated with them, a network whose masks
-    just moved can fall to chance. The average over `config.recalibrate_images` training
-    images, with the mask as it is now, is what evaluation and the task file then use.
-    Under torchrun each process measures its share and the means are averaged.
-    """
-    norms = [own for own, _ in task_batchnorms(model, task)]
-    if not norms or not config.recalibrate_images:
-        return
-    momenta = [n.momentum for n in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches below
-
-    def batch_statistics(module: nn.Module, _inputs: tuple) -> None:
-        module.train()  # this layer alone: the rest of the network stays in eval mode
-
-    hooks = [norm.register_forward_pre_hook(batch_statistics) for norm in norms]
-    try:
-        _run_task_images(model, task, data, config, device, seed)
-        distributed.average_(t for n in norms for t in (n.running_mean, n.running_var))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-            norm.train(model.training)
-
-
-@torch.no_grad()
-def start_norms_as_backbone(
-    model: PiggybackModel, task: str, data: TaskData, config: TrainConfig, device: torch.device
-) -> None:
-    """Start the task's own BatchNorm layers where the frozen backbone is.
-
-    In training mode a BatchNorm normalises with the batch's statistics, which on a new
-    domain can be far from the backbone's running ones (a channel nearly constant on
-    grey images would be scaled up by orders of magnitude). So each of the task's layers
-    takes the mean and variance of its input on the task's images under the plain
-    backbone, and sets its affine parameters so that normalising with them gives what
-    the frozen layer gives: ``gamma' = gamma * sigma_task / sigma_backbone`` and
-    ``beta' = beta + gamma * (mu_task - mu_backbone) / sigma_backbone``. The task starts
-    as the plain backbone, and a mask that shifts a channel is still re-centred by the
-    batch statistics. Call it before the mask or the norms have trained.
-    """
-    pairs = [(own, base) for own, base in task_batchnorms(model, task) if own.affine]
-    if not pairs or not config.recalibrate_images:
-        return
-    sums: dict[int, torch.Tensor] = {}  # per layer: (mean, variance) summed over batches
-    batches: dict[int, int] = {}
-
-    def measure(module: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].float()
-        dims = [0, *range(2, x.dim())]
-        key = id(module)
-        sums[key] = sums.get(key, 0) + torch.stack([x.mean(dims), x.var(dims)])
-        batches[key] = batches.get(key, 0) + 1
-
-    hooks = [own.register_forward_pre_hook(measure) for own, _ in pairs]
-    try:  # the task's own layers are still copies of the backbone's: the plain network
-        _run_task_images(model, task, data, config, device, config.seed)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    moments = [sums[id(own)] / batches[id(own)] for own, _ in pairs]
-    distributed.average_(moments)
-    for (own, base), (mean, var) in zip(pairs, moments, strict=True):
-        own.running_mean.copy_(mean)
-        own.running_var.copy_(var)
-        base_sigma = (base.running_var + base.eps).sqrt()
-        own.weight.copy_(base.weight * (var + own.eps).sqrt() / base_sigma)
-        own.bias.copy_(base.bias + base.weight * (mean - base.running_mean) / base_sigma)
+def _norm_settings(config: TrainConfig) -> dict[str, Any]:
+    """What `piggyback.norms` needs of a run's config."""
+    return {
+        "count": config.recalibrate_images,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "amp_dtype": AMP_DTYPES.get(config.amp or ""),
+    }
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -472,7 +357,7 @@ def fit(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
     elif config.method == "piggyback":
-        start_norms_as_backbone(model, task, data, config, device)
+        start_norms_as_backbone(model, task, data.train, device, **_norm_settings(config))
     if not distributed.all_equal(start_epoch):
         raise ConfigError(
             f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
@@ -510,7 +395,8 @@ def fit(
             )
             distributed.average_(buffers)
             if config.method == "piggyback":
-                recalibrate_norms(model, task, data, config, device, seed=epoch_seed)
+                settings = {**_norm_settings(config), "seed": epoch_seed}
+                recalibrate_norms(model, task, data.train, device, **settings)
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             val = evaluate(
