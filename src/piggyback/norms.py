@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from . import distributed
 from .data import make_loader
 from .model import PiggybackModel
+from .precision import Amp, autocast
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -40,7 +41,7 @@ def _run_images(
     count: int,
     batch_size: int,
     seed: int,
-    amp_dtype: torch.dtype | None,
+    amp: Amp | None,
 ) -> None:
     """Forward `count` of `images` (each process its share) through the task's network."""
     was_training, active = model.training, model.active_task
@@ -51,10 +52,7 @@ def _run_images(
     try:
         seen = 0
         for inputs, _ in loader:
-            with (
-                torch.no_grad(),
-                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-            ):
+            with torch.no_grad(), autocast(device, amp):
                 model(inputs.to(device))
             seen += len(inputs)
             if seen >= share:
@@ -72,7 +70,7 @@ def recalibrate_norms(
     count: int,
     batch_size: int,
     seed: int,
-    amp_dtype: torch.dtype | None = None,
+    amp: Amp | None = None,
 ) -> None:
     """Re-estimate the task's BatchNorm statistics under its current mask.
 
@@ -95,7 +93,7 @@ def recalibrate_norms(
     hooks = [norm.register_forward_pre_hook(batch_statistics) for norm in norms]
     try:
         _run_images(model, task, images, device, count=count, batch_size=batch_size,
-                    seed=seed, amp_dtype=amp_dtype)  # fmt: skip
+                    seed=seed, amp=amp)  # fmt: skip
         distributed.average_(t for n in norms for t in (n.running_mean, n.running_var))
     finally:
         for hook in hooks:
@@ -115,7 +113,7 @@ def start_norms_as_backbone(
     count: int,
     batch_size: int,
     seed: int,
-    amp_dtype: torch.dtype | None = None,
+    amp: Amp | None = None,
 ) -> None:
     """Start the task's own BatchNorm layers where the frozen backbone is.
 
@@ -145,7 +143,7 @@ def start_norms_as_backbone(
     hooks = [own.register_forward_pre_hook(measure) for own, _ in pairs]
     try:  # the task's own layers are still copies of the backbone's: the plain network
         _run_images(model, task, images, device, count=count, batch_size=batch_size,
-                    seed=seed, amp_dtype=amp_dtype)  # fmt: skip
+                    seed=seed, amp=amp)  # fmt: skip
     finally:
         for hook in hooks:
             hook.remove()

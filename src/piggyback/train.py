@@ -29,13 +29,12 @@ from .data import TaskData, make_loader
 from .errors import ConfigError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import recalibrate_norms, start_norms_as_backbone
+from .precision import AMP_DTYPES, Amp, autocast
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .store import write_atomic
 
 Method = Literal["piggyback", "classifier", "finetune"]
 METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
-Amp = Literal["bf16", "fp16"]
-AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -129,11 +128,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} asked for, but CUDA is not available here")
     return distributed.local_device(resolved)
-
-
-def autocast(device: torch.device, amp: Amp | None) -> torch.autocast:
-    """Mixed precision for forward passes when `amp` is set; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp or ""), enabled=amp is not None)
 
 
 @dataclass
@@ -292,7 +286,7 @@ def _norm_settings(config: TrainConfig) -> dict[str, Any]:
         "count": config.recalibrate_images,
         "batch_size": config.batch_size,
         "seed": config.seed,
-        "amp_dtype": AMP_DTYPES.get(config.amp or ""),
+        "amp": config.amp,
     }
 
 
