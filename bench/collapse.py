@@ -28,7 +28,7 @@ from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
 from piggyback.data import load_task_data, make_loader
 from piggyback.layers import TaskNorm
-from piggyback.norms import recalibrate_norms, start_norms_as_backbone
+from piggyback.norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from piggyback.recipes import RECIPES
 from piggyback.train import TrainConfig, prepare_task
 
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(groups)
     probe = next(iter(make_loader(data.val, 32, shuffle=False)))[0]
     # as `fit` does; then re-estimated on 256 images at every logged step
-    start_norms_as_backbone(model, args.task, data.train, device, count=1024, batch_size=32,
-                            seed=args.seed)  # fmt: skip
+    start_norms_as_backbone(model, args.task, data.train, device, ImagePass(1024, 32, args.seed))
     network.eval()
     model.set_task(args.task)
     before = norm_outputs(model, probe)  # the task's network before any weight is dropped
@@ -113,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         dropped = {n: int((s <= mask.threshold).sum()) for n, s in scores.items()}
         moved = torch.cat([(s.detach() - start[n]).abs().flatten() for n, s in scores.items()])
         worst = sorted(dropped, key=lambda n: dropped[n] / scores[n].numel(), reverse=True)[:2]
-        recalibrate_norms(model, args.task, data.train, device, count=256, batch_size=32,
-                          seed=step)  # fmt: skip
+        recalibrate_norms(model, args.task, data.train, device, ImagePass(256, 32, step))
         network.eval()
         row = {
             "step": step,

@@ -20,7 +20,7 @@ from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import create_backbone, input_spec
 from piggyback.data import TaskData, load_task_data
 from piggyback.errors import ConfigError, DegenerateTaskWarning
-from piggyback.norms import recalibrate_norms, start_norms_as_backbone
+from piggyback.norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from piggyback.recipes import RECIPES
 from piggyback.train import FitResult, TrainConfig, degenerate_task_problems, fit
 
@@ -77,7 +77,7 @@ def test_recalibration_measures_the_current_mask(images: torch.Tensor) -> None:
     dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     model.add_task("a", 1)
     norm = model.norms["bn"].norms["a"]
-    recalibrate_norms(model, "a", dataset, CPU, count=6, batch_size=6, seed=0)
+    recalibrate_norms(model, "a", dataset, CPU, ImagePass(count=6, batch_size=6, seed=0))
     model.set_task("a")
     stem = model.masked_layers["stem"]
     with torch.no_grad():  # the statistics of the stem's output over all six images
@@ -106,7 +106,7 @@ def test_task_norms_start_as_the_backbone(images: torch.Tensor) -> None:
     model.add_task("a", 4)
     model.head.heads["a"].load_state_dict(model.head.base_layer.state_dict())
     norm = model.norms["bn"].norms["a"]
-    start_norms_as_backbone(model, "a", dataset, CPU, count=6, batch_size=6, seed=0)
+    start_norms_as_backbone(model, "a", dataset, CPU, ImagePass(count=6, batch_size=6, seed=0))
     assert not torch.equal(norm.running_mean, model.norms["bn"].base_layer.running_mean)
     model.eval()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """A task's own BatchNorm layers: start them as the frozen backbone, and re-estimate
 their statistics under the mask. Both are parts of the default recipe (docs/method.md).
 
-Each runs up to `images` training images through the task's network in eval mode,
+Each runs up to `ImagePass.count` training images through the task's network in eval mode,
 without gradients; under torchrun each process takes its share and the statistics are
 averaged over the processes.
 """
@@ -9,6 +9,8 @@ averaged over the processes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,32 +34,45 @@ def task_batchnorms(model: PiggybackModel, task: str) -> list[tuple[BatchNorm, B
     return pairs
 
 
+@dataclass(frozen=True)
+class ImagePass:
+    """How many training images a norm pass runs, in batches of what size, shuffled with
+    which seed, in which precision."""
+
+    count: int
+    batch_size: int
+    seed: int
+    amp: Amp | None = None
+
+
 def _run_images(
     model: PiggybackModel,
     task: str,
     images: Dataset,
     device: torch.device,
-    *,
-    count: int,
-    batch_size: int,
-    seed: int,
-    amp: Amp | None,
+    run: ImagePass,
+    observe: tuple[list[BatchNorm], Callable[[nn.Module, tuple], None]],
 ) -> None:
-    """Forward `count` of `images` (each process its share) through the task's network."""
+    """Forward `run.count` of `images` (each process its share) through the task's
+    network, with `observe`'s forward pre-hook on each of its layers for the pass."""
+    layers, pre_hook = observe
+    hooks = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
     was_training, active = model.training, model.active_task
     model.set_task(task).eval()
-    batch = max(1, batch_size // distributed.world_size())
-    share = math.ceil(count / distributed.world_size())
-    loader = make_loader(distributed.shard(images), batch, shuffle=True, seed=seed)
+    batch = max(1, run.batch_size // distributed.world_size())
+    share = math.ceil(run.count / distributed.world_size())
+    loader = make_loader(distributed.shard(images), batch, shuffle=True, seed=run.seed)
     try:
         seen = 0
         for inputs, _ in loader:
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), autocast(device, run.amp):
                 model(inputs.to(device))
             seen += len(inputs)
             if seen >= share:
                 break
     finally:
+        for hook in hooks:
+            hook.remove()
         model.set_task(active).train(was_training)
 
 
@@ -66,21 +81,17 @@ def recalibrate_norms(
     task: str,
     images: Dataset,
     device: torch.device,
-    *,
-    count: int,
-    batch_size: int,
-    seed: int,
-    amp: Amp | None = None,
+    run: ImagePass,
 ) -> None:
     """Re-estimate the task's BatchNorm statistics under its current mask.
 
     While masks train, a BatchNorm normalises with batch statistics, but its running
     averages trail the masks by many steps: evaluated with them, a network whose masks
-    just moved can fall to chance. The cumulative average over `count` training images,
+    just moved can fall to chance. The cumulative average over `run.count` training images,
     with the mask as it is now, is what evaluation and the task file then use.
     """
     norms = [own for own, _ in task_batchnorms(model, task)]
-    if not norms or not count:
+    if not norms or not run.count:
         return
     momenta = [n.momentum for n in norms]
     for norm in norms:
@@ -90,14 +101,10 @@ def recalibrate_norms(
     def batch_statistics(module: nn.Module, _inputs: tuple) -> None:
         module.train()  # this layer alone: the rest of the network stays in eval mode
 
-    hooks = [norm.register_forward_pre_hook(batch_statistics) for norm in norms]
     try:
-        _run_images(model, task, images, device, count=count, batch_size=batch_size,
-                    seed=seed, amp=amp)  # fmt: skip
+        _run_images(model, task, images, device, run, observe=(norms, batch_statistics))
         distributed.average_(t for n in norms for t in (n.running_mean, n.running_var))
     finally:
-        for hook in hooks:
-            hook.remove()
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
             norm.train(model.training)
@@ -109,18 +116,14 @@ def start_norms_as_backbone(
     task: str,
     images: Dataset,
     device: torch.device,
-    *,
-    count: int,
-    batch_size: int,
-    seed: int,
-    amp: Amp | None = None,
+    run: ImagePass,
 ) -> None:
     """Start the task's own BatchNorm layers where the frozen backbone is.
 
     In training mode a BatchNorm normalises with the batch's statistics, which on a new
     domain can be far from the backbone's running ones (a channel nearly constant on
     grey images would be scaled up by orders of magnitude). So each of the task's layers
-    takes the mean and variance of its input on `count` task images under the plain
+    takes the mean and variance of its input on `run.count` task images under the plain
     backbone, and sets its affine parameters so that normalising with them gives what
     the frozen layer gives: ``gamma' = gamma * sigma_task / sigma_backbone`` and
     ``beta' = beta + gamma * (mu_task - mu_backbone) / sigma_backbone``. The task starts
@@ -128,7 +131,7 @@ def start_norms_as_backbone(
     batch statistics. Call it before the mask or the norms have trained.
     """
     pairs = [(own, base) for own, base in task_batchnorms(model, task) if own.affine]
-    if not pairs or not count:
+    if not pairs or not run.count:
         return
     sums: dict[int, torch.Tensor] = {}  # per layer: (mean, variance) summed over batches
     batches: dict[int, int] = {}
@@ -140,13 +143,8 @@ def start_norms_as_backbone(
         sums[key] = sums.get(key, 0) + torch.stack([x.mean(dims), x.var(dims)])
         batches[key] = batches.get(key, 0) + 1
 
-    hooks = [own.register_forward_pre_hook(measure) for own, _ in pairs]
-    try:  # the task's own layers are still copies of the backbone's: the plain network
-        _run_images(model, task, images, device, count=count, batch_size=batch_size,
-                    seed=seed, amp=amp)  # fmt: skip
-    finally:
-        for hook in hooks:
-            hook.remove()
+    # The task's own layers are still copies of the backbone's: the plain network.
+    _run_images(model, task, images, device, run, observe=([own for own, _ in pairs], measure))
     moments = [sums[id(own)] / batches[id(own)] for own, _ in pairs]
     distributed.average_(moments)
     for (own, base), (mean, var) in zip(pairs, moments, strict=True):

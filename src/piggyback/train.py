@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError, DegenerateTaskWarning
 from .model import PiggybackModel
-from .norms import recalibrate_norms, start_norms_as_backbone
+from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import AMP_DTYPES, Amp, autocast
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .store import write_atomic
@@ -280,14 +280,9 @@ def prepare_task(
     return model, groups
 
 
-def _norm_settings(config: TrainConfig) -> dict[str, Any]:
-    """What `piggyback.norms` needs of a run's config."""
-    return {
-        "count": config.recalibrate_images,
-        "batch_size": config.batch_size,
-        "seed": config.seed,
-        "amp": config.amp,
-    }
+def _norm_pass(config: TrainConfig, seed: int) -> ImagePass:
+    """The images a run's norm passes see (`piggyback.norms`)."""
+    return ImagePass(config.recalibrate_images, config.batch_size, seed, config.amp)
 
 
 def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -351,7 +346,7 @@ def fit(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
     elif config.method == "piggyback":
-        start_norms_as_backbone(model, task, data.train, device, **_norm_settings(config))
+        start_norms_as_backbone(model, task, data.train, device, _norm_pass(config, config.seed))
     if not distributed.all_equal(start_epoch):
         raise ConfigError(
             f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
@@ -389,8 +384,8 @@ def fit(
             )
             distributed.average_(buffers)
             if config.method == "piggyback":
-                settings = {**_norm_settings(config), "seed": epoch_seed}
-                recalibrate_norms(model, task, data.train, device, **settings)
+                run = _norm_pass(config, epoch_seed)
+                recalibrate_norms(model, task, data.train, device, run)
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             val = evaluate(
