@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError, DegenerateTaskWarning, PiggybackError
 from .recipes import RECIPES
+from .recipes import recipe as get_recipe
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
@@ -317,9 +318,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _apply_recipe(args: argparse.Namespace) -> None:
     """Fill the settings the command line and config left open from the named recipe."""
-    if args.recipe not in RECIPES:
-        raise ConfigError(f"recipe {args.recipe!r} is not known; expected one of {list(RECIPES)}")
-    recipe = RECIPES[args.recipe]
+    recipe = get_recipe(args.recipe)
     for key in ("lr", "head_lr", "train_bn"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(recipe, key))

@@ -22,7 +22,7 @@ from .config import MaskConfig
 from .data import BUILTIN_TASKS, TaskData, load_task_data, make_loader
 from .errors import ConfigError
 from .model import PiggybackModel
-from .recipes import RECIPES
+from .recipes import recipe
 from .report import describe_task_file, plot_histories, plot_layer_kept
 from .store import fingerprint, write_atomic
 from .train import FitResult, TrainConfig, evaluate, fit
@@ -65,7 +65,7 @@ def run_demo(
     backbone = create_backbone(DEFAULT_BACKBONE)
     before = fingerprint(backbone)
     spec = input_spec(backbone, size=settings.size)
-    model = PiggybackModel(backbone, MaskConfig(train_bn=RECIPES[settings.recipe].train_bn))
+    model = PiggybackModel(backbone, MaskConfig(train_bn=recipe(settings.recipe).train_bn))
     methods = ["piggyback", "classifier"] + (["finetune"] if full else [])
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -43,3 +45,10 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 DEFAULT_RECIPE = RECIPES["default"]
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe called `name`; an unknown name is a ConfigError listing the known ones."""
+    if name not in RECIPES:
+        raise ConfigError(f"recipe={name!r} is not known; expected one of {list(RECIPES)}")
+    return RECIPES[name]

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, recipes
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import AMP_DTYPES, Amp, autocast
-from .recipes import DEFAULT_RECIPE, RECIPES
+from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
 
 Method = Literal["piggyback", "classifier", "finetune"]
@@ -111,9 +111,7 @@ class TrainConfig:
     @classmethod
     def for_recipe(cls, recipe: str, **settings: Any) -> TrainConfig:
         """The config of a named recipe (`piggyback.recipes.RECIPES`), `settings` on top."""
-        if recipe not in RECIPES:
-            raise ConfigError(f"recipe={recipe!r} is not known; expected one of {list(RECIPES)}")
-        chosen = RECIPES[recipe]
+        chosen = recipes.recipe(recipe)
         return cls(**{"lr": chosen.lr, "head_lr": chosen.head_lr, **settings})
 
 
