@@ -26,7 +26,6 @@ import pytest
 import torch
 from conftest import make_tiny
 from PIL import Image
-from safetensors.torch import save as safetensors_save
 from test_model import train_steps
 
 import piggyback
@@ -44,7 +43,7 @@ from piggyback.serve import (
     create_app,
     running,
 )
-from piggyback.store import FORMAT
+from piggyback.store import write_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(16, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2), "bilinear")
@@ -295,12 +294,12 @@ def test_upload_predict_delete(own_dir: Path, tmp_path: Path) -> None:
 
 
 def _crafted(data: bytes, tmp_path: Path, **changes: Any) -> bytes:
-    """A task file whose metadata was edited by hand (its tensor checksum still holds)."""
+    """A task file whose metadata was edited and signed again, as a forger would."""
     path = tmp_path / "crafted.safetensors"
     path.write_bytes(data)
     meta, tensors = read_task_file(path)
-    header = {"format": FORMAT, "piggyback": json.dumps({**meta, **changes})}
-    return safetensors_save(tensors, metadata=header)
+    write_task_file(path, {**meta, **changes}, tensors)
+    return path.read_bytes()
 
 
 def test_bad_uploads_are_refused(own_dir: Path, tmp_path: Path) -> None:
@@ -312,9 +311,9 @@ def test_bad_uploads_are_refused(own_dir: Path, tmp_path: Path) -> None:
         (new_task_file(tmp_path, seed=1), 400, "backbone"),
         (new_task_file(tmp_path, name="a"), 409, "already served"),
         (_crafted(good, tmp_path, task="../evil"), 400, "not allowed"),
-        (_crafted(good, tmp_path, task=["x"]), 400, "malformed"),
-        (_crafted(good, tmp_path, class_names=7), 400, "malformed"),
-        (_crafted(good, tmp_path, metadata={"size": -3}), 400, "input size"),
+        (_crafted(good, tmp_path, task=["x"]), 400, "'task' must be a string"),
+        (_crafted(good, tmp_path, class_names=7), 400, "'class_names' must be a list"),
+        (_crafted(good, tmp_path, metadata={"size": -3}), 400, "'metadata.size' must be an int"),
     ]
     with server(own_dir) as base:
         for data, status, needle in cases:
