@@ -59,7 +59,7 @@ def build(name: str, size: int, device: torch.device) -> nn.Module:
 def random_masks(model: PiggybackModel, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
-        name: (torch.rand(layer.weight.shape, generator=generator) < KEEP).to(torch.int8)
+        name: (torch.rand(layer.frozen.shape, generator=generator) < KEEP).to(torch.int8)
         for name, layer in model.masked_layers.items()
     }
 
@@ -203,7 +203,7 @@ def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
     backbone = build(name, args.size, device)
     model = PiggybackModel(backbone).to(device).eval()
     masks = random_masks(model, seed=1)
-    num_classes = model.head.base_layer.weight.shape[0]  # same head size as the plain model
+    num_classes = model.head.base_layer.frozen.shape[0]  # same head size as the plain model
     model.add_task("task", num_classes, masks=masks)
     with torch.no_grad():
         model.head.heads["task"].load_state_dict(model.head.base_layer.state_dict())
@@ -291,7 +291,7 @@ def resident_memory(
 ) -> dict[str, Any]:
     """Bytes that N stored tasks keep in memory (packed masks + heads) vs the backbone."""
     backbone_bytes = sum(t.numel() * t.element_size() for t in model.base.state_dict().values())
-    masked = sum(layer.weight.numel() for layer in model.masked_layers.values())
+    masked = sum(layer.frozen.numel() for layer in model.masked_layers.values())
     row: dict[str, Any] = {"backbone_mb": backbone_bytes / 2**20}
     added = 0
     for count in sorted(counts):

@@ -94,7 +94,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--head-lr", type=float, help="the new head (and norms); see --recipe")
     group.add_argument("--lr-decay", type=float, default=0.1)
     group.add_argument("--lr-decay-every", type=int, default=15)
-    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument(
+        "--weight-decay", type=float, default=0.0, help="head and norms only; never the scores"
+    )
     group.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

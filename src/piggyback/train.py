@@ -41,7 +41,8 @@ METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
 class TrainConfig:
     """One training run. Defaults are the "default" recipe (`piggyback.recipes`): Adam,
     scores lr 3e-4, head 1e-3, batch 32, 30 epochs, lr x0.1 every 15 epochs, no weight
-    decay; `for_recipe("paper")` gives the paper's learning rates.
+    decay; `for_recipe("paper")` gives the paper's learning rates. `weight_decay` applies
+    to the head and norm layers (and every weight when fine-tuning), never to scores.
 
     A task with its own BatchNorm layers gets their statistics re-estimated after every
     epoch from `recalibrate_images` training images under the current mask (0: never).
@@ -246,7 +247,7 @@ def prepare_task(
     """
     baseline = config.method != "piggyback"
     masks = (
-        {name: torch.ones_like(layer.weight, dtype=torch.int8)
+        {name: torch.ones_like(layer.frozen, dtype=torch.int8)
          for name, layer in model.masked_layers.items()}
         if baseline else None
     )  # fmt: skip
@@ -268,7 +269,10 @@ def prepare_task(
     rest = model.trainable_parameters(task, "head") + model.trainable_parameters(task, "norm")
     groups = [{"params": rest, "lr": config.head_lr}]
     if not baseline:
-        groups.insert(0, {"params": model.trainable_parameters(task, "scores"), "lr": config.lr})
+        # Scores never decay: decay would pull every score toward 0, past the threshold,
+        # and prune weights that get no gradient (the reference never decays them).
+        scores = model.trainable_parameters(task, "scores")
+        groups.insert(0, {"params": scores, "lr": config.lr, "weight_decay": 0.0})
     # Only what the optimizer trains requires grad (not the heads of earlier tasks):
     # DistributedDataParallel all-reduces exactly those.
     model.requires_grad_(False)
