@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HUGE_TEXT_CHUNK, png_header
 from PIL import Image
 
 from piggyback.cli import _train_config, build_parser
@@ -168,3 +169,25 @@ def test_unknown_config_keys(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("data: digits\nepoch: 3\n")
     assert_clean_error(run("train", "--config", str(config)), "unknown settings ['epoch']")
+
+
+@pytest.mark.parametrize(
+    ("encoded", "words"),
+    [
+        pytest.param(png_header(20_000, 20_000), "at most 50,000,000 pixels", id="bomb"),
+        pytest.param(
+            png_header(100_000, 1), "100000x1 pixels, more elongated than 64:1", id="strip"
+        ),
+        pytest.param(
+            png_header(4, 4, HUGE_TEXT_CHUNK),
+            "too large",
+            id="text",
+        ),
+    ],
+)
+def test_predict_refuses_oversized_images(encoded: bytes, words: str, tmp_path: Path) -> None:
+    """Checked before the task file is even opened, so none is needed."""
+    image = tmp_path / "huge.png"
+    image.write_bytes(encoded)
+    result = run("predict", str(tmp_path / "t.safetensors"), str(image))
+    assert_clean_error(result, str(image), words)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import png_header
 from PIL import Image
 
 from piggyback import data
@@ -177,6 +178,26 @@ def test_corrupt_file_is_an_error_when_strict(folder: Path) -> None:
         load_task_data(folder, SPEC, strict=True)
 
 
+def test_oversized_images_are_skipped_from_their_header(folder: Path) -> None:
+    """A few bytes that declare a gigapixel image are refused before decoding."""
+    (folder / "cat" / "bomb.png").write_bytes(png_header(20_000, 20_000))
+    (folder / "dog" / "strip.png").write_bytes(png_header(100_000, 1))
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 32; first: .*bomb"):
+        task = load_task_data(folder, SPEC)
+    assert len(task.train) + len(task.val) + len(task.test) == 30
+    with pytest.raises(DataError, match=r"bomb\.png is too large.*strict=False"):
+        load_task_data(folder, SPEC, strict=True)
+
+
+def test_image_grown_after_loading_is_skipped(folder: Path) -> None:
+    task = load_task_data(folder, SPEC, val_fraction=0.0, test_fraction=0.0)
+    Path(_paths(task.train)[0]).write_bytes(png_header(100_000, 1))
+    with pytest.warns(UserWarning, match=r"skipping unreadable image: image .* elongated"):
+        assert task.train[0] is None
+    with pytest.raises(DataError, match=r"elongated than 64:1; .*strict=False"):
+        TaskDataset(task.train.source, task.train.indices, task.train.transform, strict=True)[0]
+
+
 def test_file_lost_after_loading_is_dropped_from_its_batch(folder: Path) -> None:
     task = load_task_data(folder, SPEC, val_fraction=0.0, test_fraction=0.0)
     lost = _paths(task.train)[:3]
@@ -188,7 +209,7 @@ def test_file_lost_after_loading_is_dropped_from_its_batch(folder: Path) -> None
     assert len(batches) == len(task.train) // 3 - 1  # the all-lost first batch is gone
     assert sum(len(labels) for _, labels in batches) == 27
     assert task.train[0] is None
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match=r"image .*\.png does not exist"):
         TaskDataset(task.train.source, task.train.indices, task.train.transform, strict=True)[0]
 
 

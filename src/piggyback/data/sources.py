@@ -1,8 +1,9 @@
 """Where images come from: the source classes that read one raw image by index, and the
 openers for image folders, CSV lists, torchvision datasets and Hugging Face datasets.
 
-Image files (folder and CSV sources) are checked when the task is loaded; bad ones are
-left out with one warning, or raise `DataError` with ``strict=True``.
+Image files (folder and CSV sources) are checked when the task is loaded; bad ones, and
+ones past the size budget of `piggyback.images`, are left out with one warning, or raise
+`DataError` with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
+from ..images import open_image, verify_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")  # fmt: skip
@@ -63,8 +65,7 @@ class _FileSource:
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def read(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return _to_uint8(image)
+        return _to_uint8(open_image(self.paths[index], f"image {self.paths[index]}"))
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
@@ -103,26 +104,24 @@ class _Opened:
 
 
 def _checked_files(paths: list[Path], labels: list[int], strict: bool) -> _FileSource:
-    """Leave out files PIL cannot open, with one warning (or a DataError when strict)."""
+    """Leave out files PIL cannot open or that exceed `piggyback.images`' size budget,
+    with one warning (or a DataError when strict)."""
     good_paths, good_labels, bad = [], [], []
     for path, label in zip(paths, labels, strict=True):
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:
+            verify_image(path, f"image {path}")
+        except DataError as exc:
             if strict:
                 raise DataError(
-                    f"cannot read image {path} ({exc}); fix or remove it, or pass strict=False "
-                    "to skip unreadable images"
+                    f"{exc}; fix or remove it, or pass strict=False to skip unreadable images"
                 ) from exc
-            bad.append((path, exc))
+            bad.append(exc)
             continue
         good_paths.append(path)
         good_labels.append(label)
     if bad:
         warnings.warn(
-            f"skipped {len(bad)} unreadable image(s) of {len(paths)}; first: {bad[0][0]} "
-            f"({bad[0][1]})",
+            f"skipped {len(bad)} unreadable image(s) of {len(paths)}; first: {bad[0]}",
             stacklevel=5,  # the caller of load_task_data
         )
     return _FileSource(good_paths, good_labels)

@@ -84,16 +84,16 @@ class TaskDataset(Dataset):
             image = self.source.read(index)
         except Exception as exc:
             where = self.source.describe(index)
+            # File sources say what is wrong themselves (`piggyback.images`).
+            reason = exc if isinstance(exc, DataError) else f"cannot read image {where} ({exc})"
             if self.strict:
                 raise DataError(
-                    f"cannot read image {where} ({exc}); fix or remove it, or pass "
-                    "strict=False to skip unreadable images"
+                    f"{reason}; fix or remove it, or pass strict=False to skip unreadable images"
                 ) from exc
             self.skipped += 1
             if self.skipped == 1:
                 warnings.warn(
-                    f"skipping unreadable image {where} ({exc}); dataset.skipped counts "
-                    "the later ones",
+                    f"skipping unreadable image: {reason}; dataset.skipped counts the later ones",
                     stacklevel=2,
                 )
             return None
