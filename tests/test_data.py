@@ -164,6 +164,38 @@ def test_csv_row_with_wrong_column_count(tmp_path: Path) -> None:
         load_task_data(tmp_path / "bad.csv", SPEC)
 
 
+def test_csv_that_is_not_utf8(folder: Path) -> None:
+    (folder / "latin.csv").write_bytes("cat/00.png,caf\xe9\ndog/00.png,th\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv is not UTF-8 text .*save it as UTF-8"):
+        load_task_data(folder / "latin.csv", SPEC)
+
+
+def test_csv_saved_with_a_byte_order_mark(folder: Path) -> None:
+    """As Excel saves UTF-8: the mark is no part of the first row's path."""
+    rows = [f"{c}/{i:02d}.png,{c}" for c in ("owl", "cat") for i in range(5)]
+    (folder / "excel.csv").write_text("\n".join(rows), encoding="utf-8-sig")
+    task = load_task_data(folder / "excel.csv", SPEC)
+    assert len(task.train) + len(task.val) + len(task.test) == 10
+
+
+@pytest.mark.parametrize("label", ["1" + "0" * 30, "-1", "999999"])
+def test_csv_label_that_is_no_class_index(folder: Path, label: str) -> None:
+    """A label of 999999 would build a million-class head: refused before, with the limit."""
+    (folder / "ids.csv").write_text(f"cat/00.png,0\ndog/00.png,{label}\n")
+    with pytest.raises(DataError, match=rf"ids\.csv:2: label {label} is not a class index") as info:
+        load_task_data(folder / "ids.csv", SPEC)
+    assert f"0..{data.MAX_CLASSES - 1}" in str(info.value)
+
+
+def test_classes_without_training_images_warn(folder: Path) -> None:
+    """Integer labels 1 and 5 are indices: classes 0, 2, 3, 4 exist but have no images."""
+    rows = [f"{c}/{i:02d}.png,{n}" for c, n in (("cat", 1), ("dog", 5)) for i in range(5)]
+    (folder / "gaps.csv").write_text("\n".join(rows))
+    with pytest.warns(UserWarning, match=r"4 of the 6 classes .* no training images .*'0', '2'"):
+        task = load_task_data(folder / "gaps.csv", SPEC)
+    assert task.num_classes == 6
+
+
 def test_corrupt_file_is_skipped_with_one_warning(folder: Path) -> None:
     (folder / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
     (folder / "dog" / "broken.jpg").write_bytes(b"")

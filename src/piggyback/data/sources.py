@@ -13,7 +13,7 @@ import difflib
 import inspect
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ from ..images import open_image, verify_image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")  # fmt: skip
 _CSV_HEADER_LABELS = {"label", "labels", "class", "target", "category"}
+MAX_CLASSES = 100_000  # integer labels are class indices below this
 
 
 class _Source(Protocol):
@@ -168,11 +169,9 @@ def _folder(root: Path, strict: bool) -> _Opened:
 
 
 def _csv(path: Path, strict: bool) -> _Opened:
-    """Rows ``path,label``; relative paths are relative to the CSV's folder."""
-    with path.open(newline="") as file:
-        rows = [
-            (n, row) for n, row in enumerate(csv.reader(file), 1) if any(c.strip() for c in row)
-        ]
+    """Rows ``path,label``; relative paths are relative to the CSV's folder. Labels are
+    class names, or class indices when every one is an integer (see `_index_classes`)."""
+    rows = _csv_rows(path)
     if rows and len(rows[0][1]) > 1 and rows[0][1][1].strip().lower() in _CSV_HEADER_LABELS:
         rows = rows[1:]
     for line, row in rows:
@@ -180,13 +179,41 @@ def _csv(path: Path, strict: bool) -> _Opened:
             raise DataError(f"{path}:{line}: expected 2 columns 'path,label', got {row}")
     files = [path.parent / row[0].strip() for _, row in rows]
     raw = [row[1].strip() for _, row in rows]
-    if all(re.fullmatch(r"\d+", label) for label in raw):
+    if all(re.fullmatch(r"[-+]?\d+", label) for label in raw):
         labels = [int(label) for label in raw]
-        classes = [str(i) for i in range(max(labels, default=-1) + 1)]
+        classes = _index_classes(labels, lambda n: f"{path}:{rows[n][0]}")
     else:
         classes = sorted(set(raw))
         labels = [classes.index(label) for label in raw]
     return _Opened(classes, _checked_files(files, labels, strict))
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a UTF-8 CSV file (a BOM, as Excel writes, is skipped), with
+    their line numbers."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            return [
+                (n, row) for n, row in enumerate(csv.reader(file), 1) if any(c.strip() for c in row)
+            ]
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from exc
+
+
+def _index_classes(labels: Sequence[int], where: Callable[[int], str]) -> list[str]:
+    """Class names "0".."max" for labels that are class indices, each in
+    ``[0, MAX_CLASSES)``: a label of 999999 would otherwise ask for a head of a million
+    classes (4 GB of weights), and 10**30 for more memory than exists. `where(i)` names
+    the i-th label's place in errors."""
+    for position, label in enumerate(labels):
+        if not 0 <= label < MAX_CLASSES:
+            raise DataError(
+                f"{where(position)}: label {label} is not a class index; integer labels must "
+                f"be in 0..{MAX_CLASSES - 1} (piggyback.data.MAX_CLASSES), or use class names"
+            )
+    return [str(i) for i in range(max(labels, default=-1) + 1)]
 
 
 def _torchvision(source: str) -> _Opened:
@@ -226,7 +253,8 @@ def _torchvision(source: str) -> _Opened:
         test = None
     labels = _targets(train)
     opened = _Opened(
-        _class_names(getattr(train, "classes", None), labels), _ItemSource(train, labels, 0)
+        _class_names(getattr(train, "classes", None), labels, source),
+        _ItemSource(train, labels, 0),
     )
     if test is not None:
         opened.test = _ItemSource(test, _targets(test), 0)
@@ -242,10 +270,11 @@ def _targets(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def _class_names(names: Any, labels: np.ndarray) -> list[str]:
+def _class_names(names: Any, labels: np.ndarray, source: str) -> list[str]:
+    """The dataset's own class names when they cover its labels, else the indices."""
     if isinstance(names, Sequence) and len(names) > int(labels.max(initial=-1)):
         return [str(n) for n in names]
-    return [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    return _index_classes(labels.tolist(), lambda n: f"{source} item {n}")
 
 
 def _huggingface(path: str) -> _Opened:
@@ -279,4 +308,4 @@ def _huggingface(path: str) -> _Opened:
         for s in splits
     ]
     names = getattr(splits[0].features[label_col], "names", None)
-    return _Opened(_class_names(names, sources[0].labels), *sources)
+    return _Opened(_class_names(names, sources[0].labels, f"hf:{path}"), *sources)
