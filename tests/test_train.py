@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import make_tiny
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import piggyback.train as train_module
 from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
-from piggyback.data import TaskData, load_task_data
-from piggyback.train import TrainConfig, fit, prepare_task
+from piggyback.data import TaskData, load_task_data, make_loader
+from piggyback.errors import DataError
+from piggyback.train import TrainConfig, evaluate, fit, prepare_task, train_one_epoch
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
@@ -120,6 +122,18 @@ def test_resume_after_interrupt_matches_uninterrupted(
     assert resumed.test == whole.test
     for name, mask in whole_model.masks("d").items():
         assert torch.equal(resumed_model.masks("d")[name], mask), name
+
+
+def test_labels_the_head_lacks_are_refused() -> None:
+    """On CUDA cross_entropy would end the process with a device-side assert."""
+    items = TensorDataset(torch.randn(2, 3, 8, 8), torch.tensor([0, 7]))
+    loader = make_loader(items, 2, shuffle=False)
+    net = make_tiny(num_classes=4)
+    words = r"labels 0\.\.7, but the head has 4 classes"
+    with pytest.raises(DataError, match=words):
+        evaluate(net, loader, torch.device("cpu"), 4, progress=False)
+    with pytest.raises(DataError, match=words):
+        train_one_epoch(net, loader, torch.optim.SGD(net.parameters()), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(

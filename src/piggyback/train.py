@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed, recipes
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
-from .errors import ConfigError, DegenerateTaskWarning
+from .errors import ConfigError, DataError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import AMP_DTYPES, Amp, autocast
@@ -168,16 +168,17 @@ def train_one_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
-        images, labels = images.to(device), labels.to(device)
+        targets = labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            logits = model(images.to(device))
+            _check_batch_labels(labels, logits.shape[1])
+            loss = F.cross_entropy(logits, targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        correct += int((logits.argmax(1) == targets).sum())
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     totals = distributed.all_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
@@ -206,6 +207,7 @@ def evaluate(
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        _check_batch_labels(labels, num_classes)
         images, labels = images.to(device), labels.to(device)
         with autocast(device, amp):
             logits = model(images)
@@ -228,6 +230,18 @@ def evaluate(
         "per_class": per_class,
         "samples": seen,
     }
+
+
+def _check_batch_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse a batch whose labels the head has no output for: cross_entropy would fail
+    deep inside, on CUDA as a device-side assert that ends the process. `labels` are the
+    loader's, still on the CPU, so checking them costs no device sync."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(
+            f"a batch has labels {int(labels.min())}..{int(labels.max())}, but the head has "
+            f"{num_classes} classes (0..{num_classes - 1}); train or evaluate it on data "
+            "with those classes"
+        )
 
 
 def prepare_task(
