@@ -158,6 +158,18 @@ def test_bad_arguments_give_one_line(args: tuple[str, ...], needles: tuple[str, 
     assert_clean_error(run(*args), *needles)
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        pytest.param("a.png,caf\xe9\n".encode("latin-1"), "save it as UTF-8", id="latin-1"),
+        pytest.param(f"a.png,0\nb.png,{10**30}\n".encode(), "not a class index", id="label"),
+    ],
+)
+def test_bad_csv_gives_one_line(content: bytes, words: str, tmp_path: Path) -> None:
+    (tmp_path / "list.csv").write_bytes(content)
+    assert_clean_error(run("train", "--data", str(tmp_path / "list.csv")), "list.csv", words)
+
+
 def test_corrupt_task_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 40)
