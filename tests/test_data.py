@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib.util
 import os
@@ -277,6 +278,39 @@ def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "cat").mkdir()
     with pytest.raises(DataError, match="holds no images in class folders"):
         load_task_data(tmp_path, SPEC)
+
+
+def _deny_listing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    """Listing `denied` fails as without read permission, which chmod cannot show when
+    the tests run as root (root reads any folder)."""
+    real = os.scandir
+
+    def scandir(path: str = ".") -> object:
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("denied", ["dog", ""], ids=["class-folder", "root"])
+def test_unlistable_folder_is_an_error_not_empty(
+    folder: Path, denied: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _deny_listing(monkeypatch, folder / denied)
+    with pytest.raises(DataError) as info:
+        load_task_data(folder, SPEC)
+    assert f"cannot list the folder {folder / denied} (Permission denied)" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode")
+def test_folder_without_read_permission(folder: Path) -> None:
+    (folder / "dog").chmod(0)
+    try:
+        with pytest.raises(DataError, match=r"dog \(Permission denied\)"):
+            load_task_data(folder, SPEC)
+    finally:
+        (folder / "dog").chmod(0o755)
 
 
 @pytest.mark.parametrize(

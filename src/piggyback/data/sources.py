@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import difflib
 import inspect
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ def _checked_files(paths: list[Path], labels: list[int], strict: bool) -> _FileS
 
 def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     """Image files under ``root/CLASS/`` (sorted, so the order is the same everywhere)."""
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _class_folders(root)
     names = [p.name for p in class_dirs]
     if classes is None:
         classes = names
@@ -141,9 +142,7 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int],
         )
     paths, labels = [], []
     for class_dir in class_dirs:
-        files = sorted(
-            f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = _image_files(class_dir)
         paths += files
         labels += [classes.index(class_dir.name)] * len(files)
     if not paths:
@@ -152,6 +151,30 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int],
             f"of the extensions {IMAGE_EXTENSIONS}"
         )
     return paths, labels, classes
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The folders in `root`, sorted, but hidden ones."""
+    _, names, _ = next(os.walk(root, onerror=_unlistable))
+    return sorted(root / name for name in names if not name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files at any depth under `folder`, sorted. A subfolder that cannot be listed
+    is an error: `Path.rglob` would skip it silently, as if the class had no images."""
+    found = [
+        Path(parent) / name
+        for parent, _, names in os.walk(folder, onerror=_unlistable)
+        for name in names
+    ]
+    return sorted(f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
+def _unlistable(exc: OSError) -> NoReturn:
+    raise DataError(
+        f"cannot list the folder {exc.filename} ({exc.strerror}); give this user read "
+        f"access to it (chmod -R u+rX {exc.filename}) or move it out of the dataset"
+    ) from exc
 
 
 def _folder(root: Path, strict: bool) -> _Opened:
