@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, recipes
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError, DataError, DegenerateTaskWarning
 from .model import PiggybackModel
@@ -316,10 +316,18 @@ def fit(
 ) -> FitResult:
     """Train `task` on `data`, select the epoch best on validation, test it, save it.
 
-    Writes to `out_dir`: `metrics.jsonl` (one line per epoch), `checkpoint/` (the
-    state after the last finished epoch, for `resume=True`), the task file
+    Writes to `out_dir`: `checkpoint/` (the state after the last finished epoch, for
+    `resume=True`), `metrics.jsonl` (one line per epoch, rewritten from the checkpoint's
+    history, so it never records an epoch whose state is lost), the task file
     `TASK.safetensors` (piggyback/classifier) or `TASK.finetuned.safetensors`
     (finetune, a full model), and `result.json`.
+
+    `resume=True` goes on from the checkpoint, wherever an earlier run was killed. Killed
+    before its first checkpoint was complete, there is none: the run starts over from
+    epoch 1 with a warning. A damaged checkpoint or one of another run raises
+    `TaskFileError` instead (delete `out_dir/checkpoint` to start over): writes are
+    atomic, so a kill cannot leave one, and it is not thrown away unseen. Without
+    `resume`, a checkpoint left in `out_dir` is removed when the run starts.
 
     Under torchrun every process calls `fit` inside `distributed.process_group` (the CLI
     does): the network trains under DistributedDataParallel, each process on its share of
@@ -353,18 +361,24 @@ def fit(
     best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "state": None}
     start_epoch, started = 0, time.perf_counter()
     checkpoint_dir = out / "checkpoint"
-    if resume and checkpoint_dir.exists():
+    if resume and _can_resume(checkpoint_dir):
         start_epoch, history, best = load_checkpoint(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
-    elif config.method == "piggyback":
-        start_norms_as_backbone(model, task, data.train, device, _norm_pass(config, config.seed))
+    else:
+        if main:  # a run killed before its first checkpoint must not resume an older run's
+            remove_checkpoint(checkpoint_dir)
+        if config.method == "piggyback":
+            run = _norm_pass(config, config.seed)
+            start_norms_as_backbone(model, task, data.train, device, run)
     if not distributed.all_equal(start_epoch):
         raise ConfigError(
             f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
             "the output folder must be on a filesystem that every node shares"
         )
     metrics_path = out / "metrics.jsonl"
+    if main:
+        _write_metrics(metrics_path, history)  # drops epochs a killed run did not checkpoint
     progress = config.progress and main
     params = [p for group in groups for p in group["params"]]
     trained_keys = set(trainable)
@@ -420,8 +434,7 @@ def fit(
                     "top1": val["top1"],
                     "state": _copy_state(network, trainable),
                 }
-            if main:
-                write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+            if main:  # the checkpoint first: metrics.jsonl never gets ahead of it
                 save_checkpoint(
                     checkpoint_dir,
                     network,
@@ -433,6 +446,7 @@ def fit(
                     best,
                     scaler,
                 )
+                _write_metrics(metrics_path, history)
             if progress:
                 tqdm.write(
                     f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
@@ -465,6 +479,23 @@ def fit(
         write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
     distributed.barrier()  # the files are whole before any process goes on
     return result
+
+
+def _can_resume(checkpoint_dir: Path) -> bool:
+    """Whether there is a checkpoint to resume from; if not, say that the run starts over."""
+    if has_checkpoint(checkpoint_dir):
+        return True
+    if distributed.is_main():
+        warnings.warn(
+            f"no complete checkpoint in {checkpoint_dir}; starting over from epoch 1",
+            stacklevel=3,  # the caller of fit
+        )
+    return False
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: one JSON line per finished epoch."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
 def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | None) -> list[str]:
