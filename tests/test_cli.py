@@ -13,7 +13,7 @@ import yaml
 from conftest import HUGE_TEXT_CHUNK, png_header
 from PIL import Image
 
-from piggyback.cli import _train_config, build_parser
+from piggyback.cli import _train_config, build_parser, main
 
 SCRIPT = str(Path(sys.executable).parent / "piggyback")
 
@@ -149,6 +149,10 @@ def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> 
         (("train", "--data", "digits", "--backbone", "resnet9000"), ("resnet9000",)),
         (("train", "--data", "/no/such/folder"), ("/no/such/folder",)),
         (("train", "--data", "digits", "--epochs", "0"), ("epochs",)),
+        (
+            ("train", "--data", "digits", "--backbone", "test_resnet", "--epochs", "1"),
+            ("'test_resnet' would have random weights", "--allow-random-backbone"),
+        ),
         (("train",), ("--data",)),
         (("inspect", "/no/such.safetensors"), ("does not exist",)),
         (("train", "--config", "/no/such.yaml"), ("no/such.yaml",)),
@@ -168,6 +172,25 @@ def test_bad_arguments_give_one_line(args: tuple[str, ...], needles: tuple[str, 
 def test_bad_csv_gives_one_line(content: bytes, words: str, tmp_path: Path) -> None:
     (tmp_path / "list.csv").write_bytes(content)
     assert_clean_error(run("train", "--data", str(tmp_path / "list.csv")), "list.csv", words)
+
+
+def test_resume_without_a_checkpoint_starts_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a kill while writing the first checkpoint leaves: metrics, no state file."""
+    pytest.importorskip("sklearn")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    args = [
+        "train", "--data", "digits", "--backbone", "test_resnet", "--allow-random-backbone",
+        "--size", "16", "--limit", "32", "--epochs", "1", "--out", str(tmp_path), "--resume",
+        "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"warning: no complete checkpoint in {tmp_path / 'checkpoint'};")
+    assert (tmp_path / "checkpoint" / "state.safetensors").exists()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
 def test_corrupt_task_file(tmp_path: Path) -> None:
