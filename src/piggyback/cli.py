@@ -448,11 +448,12 @@ def _eval(args: argparse.Namespace) -> int:
     data_name = args.data or source.get("data")
     if not data_name:
         raise ConfigError(f"{args.task_file} records no dataset; pass --data")
-    data = load_task_data(
-        data_name, spec, seed=source.get("seed", 0), limit=source.get("limit"),
-        val_fraction=source.get("val_fraction", 0.1),
-        test_fraction=source.get("test_fraction", 0.1),
-    )  # fmt: skip
+    with _plain_warnings():
+        data = load_task_data(
+            data_name, spec, seed=source.get("seed", 0), limit=source.get("limit"),
+            val_fraction=source.get("val_fraction", 0.1),
+            test_fraction=source.get("test_fraction", 0.1),
+        )  # fmt: skip
     info = model.task_info[task]
     if data.num_classes != info.num_classes:
         raise ConfigError(
