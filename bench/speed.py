@@ -203,7 +203,7 @@ def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
     backbone = build(name, args.size, device)
     model = PiggybackModel(backbone).to(device).eval()
     masks = random_masks(model, seed=1)
-    num_classes = model.head.base_layer.frozen.shape[0]  # same head size as the plain model
+    num_classes = model.head.base_layer.weight.shape[0]  # same head size as the plain model
     model.add_task("task", num_classes, masks=masks)
     with torch.no_grad():
         model.head.heads["task"].load_state_dict(model.head.base_layer.state_dict())
