@@ -211,3 +211,16 @@ def test_a_mask_that_would_be_ignored_is_an_error_naming_the_layer() -> None:
     PiggybackModel(StaleReader(), MaskConfig(exclude_modules=["hidden"])).verify_masks(
         torch.randn(2, 4)
     )
+
+
+def test_training_refuses_masks_that_would_be_ignored(tmp_path: Path) -> None:
+    """`fit` probes before its first step, so no run trains scores nothing reads."""
+    from piggyback.data import TaskData
+    from piggyback.train import TrainConfig, fit
+
+    images = [(torch.randn(4), i % 2) for i in range(8)]
+    data = TaskData(train=images, val=images, test=images, class_names=["a", "b"])
+    config = TrainConfig(epochs=1, batch_size=4, progress=False, device="cpu")
+    model = PiggybackModel(StaleReader(), MaskConfig(train_bn=False))
+    with pytest.raises(ConfigError, match="'hidden'"):
+        fit(model, "t", data, config, tmp_path)

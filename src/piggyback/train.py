@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed, recipes
@@ -296,6 +297,14 @@ def prepare_task(
     return model, groups
 
 
+def _verify_masks(model: PiggybackModel, images: Dataset, device: torch.device) -> None:
+    """Before any training: every mask must reach the output (`PiggybackModel.verify_masks`),
+    or the run would train scores that nothing reads."""
+    if len(images):
+        sample = torch.stack([images[i][0] for i in range(min(2, len(images)))]).to(device)
+        model.verify_masks(sample)
+
+
 def _norm_pass(config: TrainConfig, seed: int) -> ImagePass:
     """The images a run's norm passes see (`piggyback.norms`)."""
     return ImagePass(config.recalibrate_images, config.batch_size, seed, config.amp)
@@ -373,6 +382,7 @@ def fit(
         if main:  # a run killed before its first checkpoint must not resume an older run's
             remove_checkpoint(checkpoint_dir)
         if config.method == "piggyback":
+            _verify_masks(model, data.train, device)
             run = _norm_pass(config, config.seed)
             start_norms_as_backbone(model, task, data.train, device, run)
     if not distributed.all_equal(start_epoch):
