@@ -30,7 +30,7 @@ from piggyback.data import load_task_data, make_loader
 from piggyback.layers import TaskNorm
 from piggyback.norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from piggyback.recipes import RECIPES
-from piggyback.train import TrainConfig, prepare_task
+from piggyback.train import TrainConfig, setup_training
 
 
 def norm_outputs(model: PiggybackModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                           limit=args.limit)  # fmt: skip
     lr = args.lr if args.lr is not None else recipe.lr
     config = TrainConfig.for_recipe(args.recipe, lr=lr, seed=args.seed, progress=False)
-    network, groups = prepare_task(model, args.task, data, config)
+    network, groups = setup_training(model, args.task, data, config)
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(groups)
     probe = next(iter(make_loader(data.val, 32, shuffle=False)))[0]

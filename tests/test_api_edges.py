@@ -12,7 +12,7 @@ from torch import nn
 
 from piggyback import ConfigError, MaskConfig, PiggybackModel
 from piggyback.data import TaskData
-from piggyback.train import TrainConfig, make_optimizer, prepare_task
+from piggyback.train import TrainConfig, make_optimizer, setup_training
 
 
 @pytest.mark.parametrize("name", ["train", "eval", "half", "to", "forward", "state_dict", "keys",
@@ -70,7 +70,7 @@ def test_weight_decay_never_reaches_the_scores() -> None:
     model = PiggybackModel(make_tiny(), MaskConfig(train_bn=False))
     data = TaskData(train=[], val=[], test=[], class_names=["a", "b", "c"])
     config = TrainConfig(weight_decay=0.5, progress=False, device="cpu")
-    _, groups = prepare_task(model, "t", data, config)
+    _, groups = setup_training(model, "t", data, config)
     optimizer = make_optimizer(groups, config)
     scores = {id(p) for p in model.trainable_parameters("t", "scores")}
     for group in optimizer.param_groups:

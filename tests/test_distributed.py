@@ -23,7 +23,7 @@ from piggyback import ConfigError, MaskConfig, PiggybackModel, distributed
 from piggyback.backbones import InputSpec, create_backbone, input_spec
 from piggyback.cli import main
 from piggyback.data import TaskData, load_task_data, make_loader
-from piggyback.train import TrainConfig, evaluate, fit, prepare_task
+from piggyback.train import TrainConfig, evaluate, fit, setup_training
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -128,7 +128,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     try:
         model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
         model.add_task("old", 3)  # an earlier task: its head and norms must not be reduced
-        network, groups = prepare_task(model, "new", TASK, TrainConfig(device="cpu"))
+        network, groups = setup_training(model, "new", TASK, TrainConfig(device="cpu"))
         params = [p for g in groups for p in g["params"]]
         with distributed.data_parallel(network, CPU, params) as ddp:
             reduced = ddp._get_ddp_logging_data()
@@ -170,7 +170,7 @@ def test_sync_batchnorm_swaps_the_task_norms_alone() -> None:
     """SyncBatchNorm needs CUDA to run, but the swap itself can be checked here."""
     model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
     model.add_task("old", 3)
-    network, _ = prepare_task(model, "new", TASK, TrainConfig(device="cpu"))
+    network, _ = setup_training(model, "new", TASK, TrainConfig(device="cpu"))
     norm = model.norms["bn"]
     weight, statistics = norm.norms["new"].weight, norm.norms["new"].running_mean
     restore = distributed._use_sync_batchnorm(network)

@@ -16,7 +16,7 @@ from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
 from piggyback.data import TaskData, load_task_data, make_loader
 from piggyback.errors import DataError, TaskFileError
-from piggyback.train import TrainConfig, evaluate, fit, prepare_task, train_one_epoch
+from piggyback.train import TrainConfig, evaluate, fit, setup_training, train_one_epoch
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
@@ -65,7 +65,7 @@ def test_baselines_start_from_the_plain_backbone(digits: TaskData, tmp_path: Pat
     fit(model, "c", digits, quick("classifier", epochs=1), tmp_path / "c")
     assert model.mask_stats("c").kept == 1.0 and model.mask_stats("c").layers[0].negative == 0
     assert not model.task_info["c"].train_bn
-    network, _ = prepare_task(model, "f", digits, quick("finetune"))
+    network, _ = setup_training(model, "f", digits, quick("finetune"))
     for name, layer in model.masked_layers.items():
         assert torch.equal(network.get_submodule(name).weight, layer.weight), name
 

@@ -246,7 +246,7 @@ def _check_batch_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def prepare_task(
+def setup_training(
     model: PiggybackModel,
     task: str,
     data: TaskData,
@@ -359,7 +359,9 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    network, groups = prepare_task(model, task, data, config, train_bn=train_bn, metadata=metadata)
+    network, groups = setup_training(
+        model, task, data, config, train_bn=train_bn, metadata=metadata
+    )
     network.to(device)
     optimizer = make_optimizer(groups, config)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, config.lr_decay)
