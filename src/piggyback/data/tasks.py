@@ -16,6 +16,7 @@ process), and `make_loader` drops it from its batch, so an epoch never dies half
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,10 +104,9 @@ class TaskDataset(Dataset):
 def image_transform(spec: InputSpec, *, augment: bool = False) -> v2.Compose:
     """PIL image, array or uint8 tensor -> normalised float ``[3, size, size]``.
 
-    Training and prediction share it, so both see images the same way: the shorter side
-    is resized to ``spec.size`` and the longer one centre-cropped, keeping the whole of a
-    square image. `spec.crop_pct` (ImageNet's evaluation habit) is not applied: in the
-    new tasks the object reaches the image's edges (digits, silhouettes, clothing).
+    Training, prediction and exports share it, so all see images the same way: the
+    shorter side is resized to ``floor(spec.size / spec.crop_pct)`` and the centre cut to
+    ``spec.size`` (the whole of a square image at `crop_pct` 1.0, what `input_spec` gives).
     `augment` swaps the resize for a RandomResizedCrop of 80-100% of the area; no flips,
     since digits and many silhouettes are orientation-sensitive.
     """
@@ -117,7 +117,7 @@ def image_transform(spec: InputSpec, *, augment: bool = False) -> v2.Compose:
         ]
     else:
         geometry = [
-            v2.Resize(spec.size, interpolation=mode, antialias=True),
+            v2.Resize(math.floor(spec.size / spec.crop_pct), interpolation=mode, antialias=True),
             v2.CenterCrop(spec.size),
         ]
     return v2.Compose(
