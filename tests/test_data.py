@@ -217,7 +217,7 @@ def test_corrupt_file_is_skipped_with_one_warning(folder: Path) -> None:
 
 def test_corrupt_file_is_an_error_when_strict(folder: Path) -> None:
     (folder / "cat" / "broken.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"cannot read image .*broken\.png.*strict=False"):
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png.*leave out --strict"):
         load_task_data(folder, SPEC, strict=True)
 
 
@@ -228,7 +228,7 @@ def test_oversized_images_are_skipped_from_their_header(folder: Path) -> None:
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 32; first: .*bomb"):
         task = load_task_data(folder, SPEC)
     assert len(task.train) + len(task.val) + len(task.test) == 30
-    with pytest.raises(DataError, match=r"bomb\.png is too large.*strict=False"):
+    with pytest.raises(DataError, match=r"bomb\.png is too large.*leave out --strict"):
         load_task_data(folder, SPEC, strict=True)
 
 
@@ -237,7 +237,7 @@ def test_image_grown_after_loading_is_skipped(folder: Path) -> None:
     Path(_paths(task.train)[0]).write_bytes(png_header(100_000, 1))
     with pytest.warns(UserWarning, match=r"skipping unreadable image: image .* elongated"):
         assert task.train[0] is None
-    with pytest.raises(DataError, match=r"elongated than 64:1; .*strict=False"):
+    with pytest.raises(DataError, match=r"elongated than 64:1; .*leave out --strict"):
         TaskDataset(task.train.source, task.train.indices, task.train.transform, strict=True)[0]
 
 

@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -47,6 +47,31 @@ def verify_image(source: ImageSource, what: str) -> None:
     and intact data as far as PIL's `verify` can tell (chunk checksums for PNG)."""
     with _opened(source, what) as image:
         image.verify()
+
+
+def readable_images(paths: Sequence[Path], *, strict: bool) -> tuple[list[int], list[DataError]]:
+    """The indices of the paths whose images pass `verify_image`, and the errors of the
+    others; with `strict` the first error is raised instead (`unreadable`)."""
+    good, bad = [], []
+    for index, path in enumerate(paths):
+        try:
+            verify_image(path, f"image {path}")
+        except DataError as exc:
+            if strict:
+                raise unreadable(exc) from exc
+            bad.append(exc)
+            continue
+        good.append(index)
+    return good, bad
+
+
+def unreadable(problem: Exception | str) -> DataError:
+    """The error for an unreadable image when unreadable images were asked to stop the
+    run (`--strict`, ``strict=True``): it says how to have them skipped instead."""
+    return DataError(
+        f"{problem}; fix or remove it, or leave out --strict to skip unreadable images "
+        "with a warning"
+    )
 
 
 @contextmanager

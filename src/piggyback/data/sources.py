@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
-from ..images import open_image, verify_image
+from ..images import open_image, readable_images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")  # fmt: skip
@@ -108,25 +108,13 @@ class _Opened:
 def _checked_files(paths: list[Path], labels: list[int], strict: bool) -> _FileSource:
     """Leave out files PIL cannot open or that exceed `piggyback.images`' size budget,
     with one warning (or a DataError when strict)."""
-    good_paths, good_labels, bad = [], [], []
-    for path, label in zip(paths, labels, strict=True):
-        try:
-            verify_image(path, f"image {path}")
-        except DataError as exc:
-            if strict:
-                raise DataError(
-                    f"{exc}; fix or remove it, or pass strict=False to skip unreadable images"
-                ) from exc
-            bad.append(exc)
-            continue
-        good_paths.append(path)
-        good_labels.append(label)
+    good, bad = readable_images(paths, strict=strict)
     if bad:
         warnings.warn(
             f"skipped {len(bad)} unreadable image(s) of {len(paths)}; first: {bad[0]}",
             stacklevel=5,  # the caller of load_task_data
         )
-    return _FileSource(good_paths, good_labels)
+    return _FileSource([paths[i] for i in good], [labels[i] for i in good])
 
 
 def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:

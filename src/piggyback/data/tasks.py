@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from ..backbones import InputSpec
 from ..errors import ConfigError, DataError
+from ..images import unreadable
 from .builtin import BUILTIN_TASKS, _animals, _digits, _fashion_mnist
 from .sources import _csv, _folder, _huggingface, _Opened, _Source, _to_uint8, _torchvision
 
@@ -88,13 +89,12 @@ class TaskDataset(Dataset):
             # File sources say what is wrong themselves (`piggyback.images`).
             reason = exc if isinstance(exc, DataError) else f"cannot read image {where} ({exc})"
             if self.strict:
-                raise DataError(
-                    f"{reason}; fix or remove it, or pass strict=False to skip unreadable images"
-                ) from exc
+                raise unreadable(reason) from exc
             self.skipped += 1
             if self.skipped == 1:
                 warnings.warn(
-                    f"skipping unreadable image: {reason}; dataset.skipped counts the later ones",
+                    f"skipping unreadable image: {reason} (later ones are skipped without a "
+                    "warning and counted in dataset.skipped)",
                     stacklevel=2,
                 )
             return None
