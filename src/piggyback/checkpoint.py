@@ -7,6 +7,7 @@ previous complete checkpoint or, before the first one, none (`has_checkpoint`).
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,29 @@ def has_checkpoint(directory: Path) -> bool:
 
 
 def remove_checkpoint(directory: Path) -> None:
-    """Forget an earlier run's state when a run starts over in the same folder."""
+    """Forget a run's state: when a run starts over in the same folder, or is complete.
+    The folder goes too, unless something else is in it."""
     (directory / FILE).unlink(missing_ok=True)
+    with suppress(OSError):
+        directory.rmdir()
+
+
+def checkpoint_progress(directory: Path) -> dict[str, Any]:
+    """How far the run saved in `directory` got, from its metadata alone: epochs done
+    (`epoch`), the best epoch so far and its validation top-1 (`best_epoch`, `best_top1`)."""
+    path = directory / FILE
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["checkpoint"])
+        return {key: meta[key] for key in ("epoch", "best_epoch", "best_top1")}
+    except Exception as exc:  # a damaged checkpoint must say so, not crash deep inside
+        raise _damaged(directory, exc) from exc
+
+
+def _damaged(directory: Path, exc: Exception) -> TaskFileError:
+    return TaskFileError(
+        f"cannot resume from {directory / FILE}: {exc}. Delete {directory} to start over"
+    )
 
 
 def load_checkpoint(
@@ -88,9 +110,7 @@ def load_checkpoint(
             meta = json.loads(handle.metadata()["checkpoint"])
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     except Exception as exc:  # a damaged checkpoint must say so, not crash deep inside
-        raise TaskFileError(
-            f"cannot resume from {path}: {exc}. Delete {directory} to start over"
-        ) from exc
+        raise _damaged(directory, exc) from exc
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     if sorted(model_state) != sorted(keys):
         raise TaskFileError(

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .backbones import DEFAULT_BACKBONE, create_backbone, input_spec
+from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
+from .baked import spec_record
 from .config import MaskConfig
 from .data import BUILTIN_TASKS, TaskData, load_task_data, make_loader
 from .errors import ConfigError
@@ -77,7 +78,7 @@ def run_demo(
             f"{len(data.val)} val / {len(data.test)} test images at {settings.size}px"
         )
         for method in methods:
-            result = _fit_method(model, task, method, data, settings, out, progress, spec.size)
+            result = _fit_method(model, task, method, data, settings, out, progress, spec)
             histories[f"{task} {method}"] = result.history
             rows.append(_row(task, method, result))
     after = fingerprint(model.base)
@@ -114,7 +115,7 @@ def _fit_method(
     settings: DemoSettings,
     out: Path,
     progress: bool,
-    size: int,
+    spec: InputSpec,
 ) -> FitResult:
     name = task if method == "piggyback" else f"{task}-{method}"
     config = TrainConfig.for_recipe(
@@ -128,10 +129,12 @@ def _fit_method(
         progress=progress,
         **({"lr": settings.finetune_lr} if method == "finetune" else {}),
     )
-    metadata = {"backbone": DEFAULT_BACKBONE, "size": size, "data": task, "seed": settings.seed}
-    metadata["limit"] = settings.limit
-    run_dir = out / "tasks" if method == "piggyback" else out / "baselines" / name
-    result = fit(model, name, data, config, run_dir / name, metadata=metadata)
+    metadata = {"backbone": DEFAULT_BACKBONE, "size": spec.size, "data": task}
+    metadata.update(seed=settings.seed, limit=settings.limit, input_spec=spec_record(spec))
+    # The run's folder: tasks/TASK (its task file then moves up, beside the other tasks,
+    # for `piggyback serve --tasks OUT/tasks`) or baselines/TASK-METHOD.
+    run_dir = out / ("tasks" if method == "piggyback" else "baselines") / name
+    result = fit(model, name, data, config, run_dir, metadata=metadata)
     if method == "piggyback" and result.task_file is not None:
         result.task_file = result.task_file.replace(out / "tasks" / f"{task}.safetensors")
     if method != "piggyback":
