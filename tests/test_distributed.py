@@ -62,7 +62,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]
     (root / "tasks.yaml").write_text(yaml.safe_dump({**RECIPE, "epochs": 1, "tasks": tasks}))
     many = piggyback("train-many", str(root / "tasks.yaml"), "--out", str(root / "many"),
-                     "--no-progress", processes=2)  # fmt: skip
+                     "--no-progress", "--keep-checkpoint", processes=2)  # fmt: skip
     assert many.stdout.count("test top-1") == 2, "rank 0 alone reports, once per task"
     common = ["train", "--data=digits", "--task=a", "--epochs=2", "--no-progress", *FLAGS]
     piggyback(*common, "--resume", "--out", str(root / "many" / "a"), processes=2)

@@ -1,0 +1,196 @@
+"""What `eval`, `predict`, `inspect`, `export` and `demo` do with their parsed flags
+(`piggyback.cli` defines the flags). Heavy imports wait inside each verb, so that
+`--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError
+from .trainrun import show_progress
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .data import load_task_data, make_loader
+    from .modelfile import open_model_file
+    from .train import evaluate, resolve_device
+
+    opened = open_model_file(
+        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    info, source = opened.info, opened.info.metadata
+    data_name = args.data or source.get("data")
+    if not data_name:
+        raise ConfigError(f"{args.task_file} records no dataset; pass --data")
+    data = load_task_data(
+        data_name, info.spec, seed=source.get("seed", 0), limit=source.get("limit"),
+        val_fraction=source.get("val_fraction", 0.1),
+        test_fraction=source.get("test_fraction", 0.1),
+    )  # fmt: skip
+    if data.num_classes != info.num_classes:
+        raise ConfigError(
+            f"task {info.task!r} has {info.num_classes} classes but {data_name!r} has "
+            f"{data.num_classes}: evaluate it on the dataset it was trained for"
+        )
+    device = resolve_device(args.device)
+    opened.network.to(device)
+    loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
+    metrics = evaluate(opened.network, loader, device, info.num_classes, progress=False)
+    if args.json:
+        print(json.dumps({"task": info.task, "split": args.split, **metrics}, indent=2))
+        return 0
+    print(f"{opened.kind} {info.task} on {data_name} [{args.split}, {metrics['samples']} images]")
+    top5 = f"   top-5 {metrics['top5']:.4f}" if info.num_classes > 5 else ""
+    print(f"top-1 {metrics['top1']:.4f}{top5}   loss {metrics['loss']:.4f}")
+    names = info.class_names or [str(i) for i in range(info.num_classes)]
+    for name, accuracy in zip(names, metrics["per_class"], strict=True):
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        print(f"  {name:<24} {shown}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from .images import readable_images, unreadable
+    from .modelfile import open_model_file
+    from .pipeline import read_image
+    from .train import resolve_device
+
+    paths = _image_paths(args.images)
+    good, bad = readable_images(paths, strict=args.strict)
+    if not good:
+        more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+        raise DataError(f"no readable image: {bad[0]}{more}")
+    for problem in bad:
+        warnings.warn(f"skipped: {problem}", stacklevel=1)
+    opened = open_model_file(
+        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    opened.network.to(resolve_device(args.device))
+    rows = []
+    for start in range(0, len(good), args.batch_size):
+        images, shown = [], []
+        for path in (paths[i] for i in good[start : start + args.batch_size]):
+            try:
+                images.append(read_image(path))
+            except DataError as exc:  # passed the header check, failed to decode
+                if args.strict:
+                    raise unreadable(exc) from exc
+                warnings.warn(f"skipped: {exc}", stacklevel=1)
+                continue
+            shown.append(path)
+        for path, result in zip(shown, opened.predict(images, args.topk), strict=True):
+            rows.append({"image": str(path), **result.to_dict()})
+            if not args.json:
+                ranked = zip(result.labels, result.probabilities, strict=True)
+                print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _image_paths(given: list[Path]) -> list[Path]:
+    """Image files as given, and the images under given folders (sorted)."""
+    from .data import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for path in given:
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            paths.append(path)
+    if not paths:
+        raise ConfigError(f"no images found in {[str(p) for p in given]}")
+    return paths
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from .modelfile import file_format
+    from .report import describe_baked_file, describe_task_file, plot_layer_kept
+    from .store import FORMAT
+
+    if file_format(args.task_file) != FORMAT:
+        report = describe_baked_file(args.task_file)
+        if args.plot:
+            raise ConfigError(
+                f"--plot draws a task file's masks; {args.task_file} is a {report['kind']}, "
+                "which has none"
+            )
+        print(json.dumps(report, indent=2) if args.json else _baked_text(report))
+        return 0
+    report = describe_task_file(args.task_file)
+    if args.plot:
+        plot_layer_kept(report, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    mask = report["mask"]
+    backbone = report["backbone"]
+    print(f"task {report['task']}: {report['num_classes']} classes, ", end="")
+    print(f"file {report['file_bytes']:,} bytes")
+    print(f"backbone {backbone['class']} fingerprint {backbone['fingerprint'][:16]}")
+    print(_input_text(report["metadata"].get("input_spec"), report["metadata"].get("size")))
+    print(
+        f"mask: {mask['kind']}, {mask['numel']:,} weights, kept {mask['kept']:.4f}, "
+        f"{mask['bits_per_weight']:.4f} bits/weight stored ({mask['codec']}), "
+        f"entropy floor {mask['entropy_bits_per_weight']:.4f}"
+    )
+    for layer in report["layers"]:
+        print(f"  {layer['name']:<48} {layer['numel']:>10,}  kept {layer['kept']:.4f}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _baked_text(report: dict[str, Any]) -> str:
+    source = report["metadata"]
+    trained = f"trained on {source['data']}" if source.get("data") else "training not recorded"
+    method = f" ({source['method']})" if source.get("method") else ""
+    return "\n".join(
+        [
+            f"{report['kind']} {report['task']}: {report['num_classes']} classes, "
+            f"file {report['file_bytes']:,} bytes",
+            f"backbone {report['backbone']}, {report['parameters']:,} parameters",
+            _input_text(report["input_spec"], None),
+            f"{trained}{method}",
+        ]
+    )
+
+
+def _input_text(spec: dict[str, Any] | None, size: int | None) -> str:
+    """How images are prepared for the model, as its file records it."""
+    if spec is None:
+        return f"input: {size} px, the backbone's normalisation" if size else "input: not recorded"
+    return (
+        f"input: {spec['size']} px, {spec['interpolation']} resize, crop_pct "
+        f"{spec['crop_pct']}, mean {spec['mean']}, std {spec['std']}"
+    )
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from .export import export_task
+
+    written = export_task(
+        args.task_file, args.out, onnx_path=args.onnx, backbone=args.backbone,
+        weights=args.weights, size=args.size,
+    )  # fmt: skip
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        full=args.full,
+        quick=args.quick,
+        tasks=args.tasks,
+        progress=show_progress(args.progress),
+    )
+    return 0
