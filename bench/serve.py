@@ -17,6 +17,7 @@ import asyncio
 import io
 import os
 import random
+import secrets
 import socket
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import create_backbone
 
 MIXES = (1, 20)
+ADMIN_TOKEN = secrets.token_hex(16)  # uploads need one: writes are off without it
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,7 +101,7 @@ def server(args: argparse.Namespace, directory: Path, weights: Path) -> Iterator
         sys.executable, "-m", "piggyback", "serve", "--tasks", str(directory / "served"),
         "--backbone", args.backbone, "--weights", str(weights), "--port", str(port),
         "--cache-size", str(args.cache_size), "--batch-window-ms", str(args.batch_window_ms),
-        "--max-batch", str(args.max_batch),
+        "--max-batch", str(args.max_batch), "--admin-token", ADMIN_TOKEN,
     ]  # fmt: skip
     with (directory / "server.log").open("w") as log:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
@@ -202,7 +204,10 @@ def main() -> None:
             files = write_tasks(net, args.backbone, args.size, max(MIXES), directory / "tasks")
             wait_until_up(url, directory / "server.log")
             for path in files:
-                headers = {"content-type": "application/octet-stream"}
+                headers = {
+                    "content-type": "application/octet-stream",
+                    "authorization": f"Bearer {ADMIN_TOKEN}",
+                }
                 httpx.post(
                     f"{url}/tasks", content=path.read_bytes(), headers=headers
                 ).raise_for_status()

@@ -9,10 +9,15 @@ plain copy of the backbone with W * mask in it), which runs at exactly the plain
 backbone's speed. Other tasks still run, through the masked model, in one mixed-task
 forward pass. Memory is about 2 + `cache_size` backbones' weights (the frozen one, the
 masked layers' cached W * mask, one per baked task) plus each task's mask and head.
+
+Task files are not trusted: a file that does not load at start-up is skipped (and listed
+in `skipped` with the reason) rather than stopping the server, and no task may ask for
+inputs larger than `max_input_size`, since every one of its images is resized to it.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from collections import Counter, OrderedDict
@@ -24,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import InputSpec, input_spec
-from ..config import MaskConfig
-from ..errors import ConfigError, TaskFileError, UnknownTaskError
+from ..backbones import InputSpec
+from ..errors import ConfigError, PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
-from ..pipeline import recorded_backbone, task_source
 from ..store import SUFFIX, read_task_file, task_files, write_atomic
 from .batcher import Job
+
+log = logging.getLogger(__name__)
 
 
 class TaskExistsError(ConfigError):
@@ -61,21 +66,6 @@ class TaskEntry:
             "kept": self.mask.get("kept"),
             "input_size": self.spec.size,
         }
-
-
-def build_model(
-    directory: str | Path, *, backbone: str | None = None, weights: str | Path | None = None
-) -> tuple[PiggybackModel, InputSpec]:
-    """An empty model for the tasks in `directory`, and its backbone's input spec.
-
-    The backbone, its weights and the mask config default to what the first task file
-    records (as `piggyback predict` does); an empty folder gets the embedded default.
-    """
-    files = task_files(directory)
-    source = task_source(files[0]) if files else {}
-    net = recorded_backbone(source, backbone=backbone, weights=weights)
-    config = MaskConfig.from_dict(source["config"]) if source else MaskConfig()
-    return PiggybackModel(net, config).eval(), input_spec(net)
 
 
 class BakedCache:
@@ -138,8 +128,9 @@ class TaskRegistry:
     """Every task file of `directory`, loaded onto one model, and the way to run them.
 
     Each task is fed at `size` if given, else at the size its file records (what it was
-    trained at), else at `spec.size`. One lock guards the model: batches, uploads and
-    deletions take turns, so a task never changes under a running batch.
+    trained at), else at `spec.size`; never above `max_input_size`. One lock guards the
+    model: batches, uploads and deletions take turns, so a task never changes under a
+    running batch.
 
     Example:
         >>> registry = TaskRegistry(model, spec, "tasks/")  # doctest: +SKIP
@@ -154,22 +145,35 @@ class TaskRegistry:
         *,
         size: int | None = None,
         cache_size: int = 4,
+        max_input_size: int = 512,
     ) -> None:
         if model.tasks:
             raise ConfigError(
                 f"the model already holds tasks {model.tasks}; pass one without tasks, the "
                 "registry loads them from the task directory"
             )
+        if size is not None and size > max_input_size:
+            raise ConfigError(
+                f"input size {size} exceeds the largest this server accepts, {max_input_size}: "
+                "pass a smaller size or raise max_input_size (--max-input-size)"
+            )
         self.model = model.eval()
         self.spec = spec
         self.size = size
+        self.max_input_size = max_input_size
         self.directory = Path(directory)
         self.cache = BakedCache(cache_size, model.bake)
+        self.skipped: dict[str, str] = {}  # file name -> why it is not served
         self._entries: dict[str, TaskEntry] = {}
         self._lock = threading.Lock()
         for path in task_files(self.directory):
-            entry = self._load(path, read_task_file(path)[0])
-            self._entries[entry.name] = entry
+            try:
+                entry = self._load(path, read_task_file(path)[0])
+            except PiggybackError as exc:
+                self.skipped[path.name] = str(exc).replace(str(path), path.name)
+                log.error("skipped task file %s: %s", path.name, self.skipped[path.name])
+            else:
+                self._entries[entry.name] = entry
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -264,13 +268,9 @@ class TaskRegistry:
                 f"task {meta['task']!r} is already served, from {existing.path.name}; "
                 "remove it first"
             )
+        spec = self._input(path, meta)
         name = self.model.load_task(path)
         info = self.model.task_info[name]
-        try:
-            spec = replace(self.spec, size=self.size or info.metadata.get("size") or self.spec.size)
-        except ConfigError as exc:
-            self.model.remove_task(name)
-            raise TaskFileError(f"{path} records an unusable input size: {exc}") from exc
         entry = TaskEntry(
             name=name,
             path=path,
@@ -281,6 +281,20 @@ class TaskRegistry:
             mask={k: v for k, v in meta["mask"].items() if k != "layers"},
         )
         return entry
+
+    def _input(self, path: Path, meta: dict[str, Any]) -> InputSpec:
+        """How the task of `meta` is fed; refused if that is larger than the server allows."""
+        recorded = (meta.get("metadata") or {}).get("size")
+        try:
+            spec = replace(self.spec, size=self.size or recorded or self.spec.size)
+        except ConfigError as exc:
+            raise TaskFileError(f"{path} records an unusable input size: {exc}") from exc
+        if spec.size > self.max_input_size:
+            raise TaskFileError(
+                f"{path} asks for {spec.size} px inputs; this server feeds at most "
+                f"{self.max_input_size} px (--max-input-size)"
+            )
+        return spec
 
     def _unload(self, name: str) -> None:
         self._entries.pop(name, None)
