@@ -51,7 +51,7 @@ from piggyback.serve import (
     create_app,
     running,
 )
-from piggyback.store import FORMAT
+from piggyback.store import FORMAT, write_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(16, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2), "bilinear")
@@ -306,14 +306,16 @@ def test_upload_predict_delete(own_dir: Path, tmp_path: Path) -> None:
 
 
 def _crafted(data: bytes, tmp_path: Path, **changes: Any) -> bytes:
-    """A task file whose metadata was edited by hand (its tensor checksum still holds)."""
+    """A task file whose metadata was edited and signed again, as a forger would."""
     path = tmp_path / "crafted.safetensors"
     path.write_bytes(data)
     meta, tensors = read_task_file(path)
-    return _with_header(tensors, json.dumps({**meta, **changes}))
+    write_task_file(path, {**meta, **changes}, tensors)
+    return path.read_bytes()
 
 
 def _with_header(tensors: dict[str, torch.Tensor], text: str) -> bytes:
+    """A task file whose JSON header is `text`, which the JSON parser refuses."""
     return safetensors_save(tensors, metadata={"format": FORMAT, "piggyback": text})
 
 
@@ -323,16 +325,20 @@ def bad_task_files(good: bytes, tmp_path: Path) -> list[tuple[str, bytes, str]]:
     path = tmp_path / "good.safetensors"
     path.write_bytes(good)
     meta, tensors = read_task_file(path)
+    deep = json.dumps(meta)[:-1] + ', "deep": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    int_fingerprint = {**meta["backbone"], "fingerprint": 123}
     return [
         ("not safetensors", b"\x00" * 64, "not a readable safetensors"),
         ("truncated", good[: len(good) // 2], "not a readable safetensors"),
         ("bad JSON", _with_header(tensors, "{not json"), "metadata"),
+        ("nested JSON", _with_header(tensors, deep), "metadata"),
         ("other backbone", new_task_file(tmp_path, seed=1), "backbone"),
         ("path as name", _crafted(good, tmp_path, task="../evil"), "not allowed"),
         ("name not a string", _crafted(good, tmp_path, task=["x"]), "task"),
         ("class names not a list", _crafted(good, tmp_path, class_names=7), "class_names"),
         ("negative input size", _crafted(good, tmp_path, metadata={"size": -3}), "size"),
         ("huge input size", _crafted(good, tmp_path, metadata={"size": 1500}), "1500"),
+        ("integer fingerprint", _crafted(good, tmp_path, backbone=int_fingerprint), "fingerprint"),
         ("huge mask", _crafted(good, tmp_path, mask={**meta["mask"], "numel": 10**12}), "mask"),
         ("wrong num_classes", _crafted(good, tmp_path, num_classes=1000), "head"),
     ]

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .backbones import create_backbone
+from .backbones import DEFAULT_BACKBONE, create_backbone
 from .errors import ConfigError, TaskFileError
 from .layers import new_head
 from .pipeline import open_task
 from .store import read_safetensors, write_atomic
+from .taskmeta import MAX_CLASSES
 
 FORMAT = "piggyback-baked"
 
@@ -39,7 +40,7 @@ def export_task(
     meta = {
         "format": FORMAT,
         "task": task,
-        "backbone": backbone or info.metadata.get("backbone", ""),
+        "backbone": backbone or info.metadata.get("backbone") or DEFAULT_BACKBONE,
         "head": model.head_name,
         "num_classes": str(info.num_classes),
         "class_names": json.dumps(info.class_names),
@@ -78,14 +79,27 @@ def _export_onnx(model: nn.Module, size: int, path: Path) -> Path:
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """The plain model written by `export_task`, rebuilt on its backbone's class."""
+    """The plain model written by `export_task`, rebuilt on its backbone's class.
+
+    The file's header is checked before use (a known backbone, a head the backbone
+    has, a bounded class count), and tensors that do not fit are a TaskFileError."""
     path = Path(path)
     meta, state = read_safetensors(path, "exported model")
     if meta.get("format") != FORMAT:
         raise TaskFileError(f"{path} is not a model written by `piggyback export`")
+    classes = meta.get("num_classes", "")
+    if not classes.isdigit() or not 1 <= int(classes) <= MAX_CLASSES:
+        raise TaskFileError(f"{path}: num_classes {classes[:20]!r} is not in [1, {MAX_CLASSES:,}]")
+    if not meta.get("backbone"):
+        raise TaskFileError(
+            f"{path} does not record its backbone; rebuild it yourself and load the state_dict"
+        )
     model = create_backbone(meta["backbone"])
-    parent, _, child = meta["head"].rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    setattr(owner, child, new_head(getattr(owner, child), int(meta["num_classes"])))
-    model.load_state_dict(state)
+    try:
+        parent, _, child = meta.get("head", "").rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, new_head(getattr(owner, child), int(classes)))
+        model.load_state_dict(state)
+    except (AttributeError, ConfigError, RuntimeError) as exc:
+        raise TaskFileError(f"{path} does not fit backbone {meta['backbone']!r}: {exc}") from exc
     return model.eval()

@@ -86,10 +86,10 @@ class MaskedLayer(TaskModule):
 
     def store_mask(self, task: str, mask: torch.Tensor, kind: MaskKind) -> None:
         """Hold `task` as a fixed bit-packed mask (replacing any scores it had)."""
-        if mask.numel() != self.weight.numel():
+        if mask.shape != self.weight.shape:
             raise ConfigError(
-                f"mask for task {task!r} has {mask.numel()} values; the layer has "
-                f"{self.weight.numel()} weights of shape {tuple(self.weight.shape)}"
+                f"mask for task {task!r} has shape {tuple(mask.shape)}; the layer's weight "
+                f"has shape {tuple(self.weight.shape)}"
             )
         packed = pack_mask(mask.to(self.weight.device), kind)
         if task in self.scores:

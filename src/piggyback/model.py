@@ -50,12 +50,13 @@ class LayerMaskStats:
 
     @classmethod
     def of(cls, name: str, mask: torch.Tensor) -> LayerMaskStats:
-        flat = mask.flatten()
+        numel = mask.numel()
+        share = 1 / max(numel, 1)  # counts, not float copies: masks can be gigabytes
         return cls(
             name,
-            flat.numel(),
-            kept=float((flat != 0).float().mean()),
-            negative=float((flat < 0).float().mean()),
+            numel,
+            kept=int(torch.count_nonzero(mask)) * share,
+            negative=int(torch.count_nonzero(mask < 0)) * share if mask.is_signed() else 0.0,
         )
 
 
@@ -142,35 +143,61 @@ class PiggybackModel(nn.Module):
         config's), and either fresh trainable scores for every masked layer or, with
         `masks` (layer name -> mask values), fixed bit-packed masks. `metadata`
         (JSON-ready, e.g. the backbone's name and input size) is kept in task files."""
+        self.check_new_task_name(name)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
+        if masks is not None:
+            self._check_masks(masks)
+        try:  # everything is checked before any layer takes the task
+            metadata = dict(metadata or {})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metadata must be a mapping, got {type(metadata).__name__}") from exc
+        train_bn = self.config.train_bn if train_bn is None else train_bn
+        try:
+            for layer_name, layer in self.masked_layers.items():
+                if masks is None:
+                    layer.add_task(name)
+                else:
+                    layer.store_mask(name, masks[layer_name], mask_kind)
+            self.head.add_task(name, num_classes)
+            if train_bn:
+                for norm in self.norms.values():
+                    norm.add_task(name)
+        except BaseException:  # all or nothing: no layer keeps a half-added task
+            for module in self._task_modules():
+                module.remove_task(name)
+            raise
+        names = None if class_names is None else [str(c) for c in class_names]
+        self.task_info[name] = TaskInfo(num_classes, names, train_bn, metadata)
+
+    def check_new_task_name(self, name: str) -> None:
+        """Raise ConfigError unless `name` is a valid name that no task has yet."""
         if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
             raise ConfigError(
                 f"task name {name!r} is not allowed; use 1-128 letters, digits, '_' or '-'"
             )
         if name in self.task_info:
             raise ConfigError(f"task {name!r} already exists; remove_task({name!r}) first")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ConfigError(f"{len(class_names)} class names given for num_classes={num_classes}")
-        if masks is not None and set(masks) != set(self.masked_layers):
+
+    def _check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """One weight-shaped tensor per masked layer (values are checked when packed)."""
+        if set(masks) != set(self.masked_layers):
             missing = sorted(set(self.masked_layers) - set(masks))[:3]
-            raise ConfigError(f"masks must cover every masked layer; missing e.g. {missing}")
-        try:  # everything is checked before any layer takes the task
-            metadata = dict(metadata or {})
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"metadata must be a mapping, got {type(metadata).__name__}") from exc
-        train_bn = self.config.train_bn if train_bn is None else train_bn
-        for layer_name, layer in self.masked_layers.items():
-            if masks is None:
-                layer.add_task(name)
-            else:
-                layer.store_mask(name, masks[layer_name], mask_kind)
-        self.head.add_task(name, num_classes)
-        if train_bn:
-            for norm in self.norms.values():
-                norm.add_task(name)
-        names = None if class_names is None else [str(c) for c in class_names]
-        self.task_info[name] = TaskInfo(num_classes, names, train_bn, metadata)
+            extra = sorted(set(masks) - set(self.masked_layers))[:3]
+            raise ConfigError(
+                f"masks must cover exactly the masked layers; missing e.g. {missing}, "
+                f"unknown e.g. {extra}"
+            )
+        for layer_name, mask in masks.items():
+            shape = tuple(self.masked_layers[layer_name].weight.shape)
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ConfigError(
+                    f"the mask for layer {layer_name!r} must be a tensor of the weight's "
+                    f"shape {shape}; got {got}"
+                )
 
     def set_task(self, name: str | None) -> PiggybackModel:
         """Make `name` the task that `forward` runs (None: the plain backbone); returns

@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,16 +28,20 @@ from torch import nn
 
 from .bits import decode_mask, empirical_entropy_bits, encode_mask
 from .config import MaskConfig
-from .errors import BackboneMismatchError, ConfigError, TaskFileError, TaskFileNotFoundError
+from .errors import BackboneMismatchError, TaskFileError, TaskFileNotFoundError
 from .layers import NORM_DTYPE
+from .taskmeta import MAX_INPUT_SIZE as MAX_INPUT_SIZE  # the bound task files are held to
+from .taskmeta import check_meta
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
 
 FORMAT = "piggyback-task"
 # 2: per-task norms store only the tensors that differ from the backbone's, at 16 bits.
-FORMAT_VERSION = 2
+# 3: the checksum covers the JSON metadata too (a header entry beside it).
+FORMAT_VERSION = 3
 SUFFIX = ".safetensors"
+_TEMP_NAME = re.compile(r"(\d+)\.[^.]+\.tmp")  # after the prefix: writer's pid, random part
 
 
 def library_version() -> str:
@@ -60,11 +67,20 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename: an interrupted save leaves the old file whole."""
+    """Write via a temporary file and rename: an interrupted save leaves the old file whole.
+
+    The file gets the permissions a plain `open` would give (the umask's, or those of
+    the file it replaces), and temporary files that killed writers left behind for the
+    same target are removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _file_mode(path))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -72,6 +88,56 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of `write_atomic` calls for `path` whose process is
+    gone (killed mid-write); returns what was deleted."""
+    prefix = _temp_prefix(path)
+    removed = []
+    for temp in path.parent.glob(".*.tmp"):
+        writer = _TEMP_NAME.fullmatch(temp.name[len(prefix) :])
+        if temp.name.startswith(prefix) and writer and not _alive(int(writer[1])):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; or not a pid at all
+        return True
+    return True
+
+
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else what the umask gives a new file."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore, the only portable way
+    os.umask(mask)
+    return mask
 
 
 def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
@@ -117,11 +183,20 @@ def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
             "kept": float((flat != 0).float().mean()),
             "layers": [[name, list(model.masked_layers[name].weight.shape)] for name in masks],
         },
-        "checksum": _checksum(tensors),
     }
-    data = safetensors_save(tensors, metadata={"format": FORMAT, "piggyback": json.dumps(meta)})
-    write_atomic(path, data)
+    return write_task_file(path, meta, tensors)
+
+
+def write_task_file(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a task file whose checksum covers both `meta` (as JSON) and `tensors`."""
+    text = json.dumps(meta)
+    header = {"format": FORMAT, "piggyback": text, "checksum": _header_checksum(text, tensors)}
+    write_atomic(path, safetensors_save(tensors, metadata=header))
     return path
+
+
+def _header_checksum(text: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    return hashlib.sha256(f"{text}\n{_checksum(tensors)}".encode()).hexdigest()
 
 
 def changed_norm_tensors(trained: nn.Module, base: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,98 +228,181 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, t
 
 
 def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a task file, checked for integrity but not against a model."""
+    """Metadata and tensors of a task file, checked for integrity (checksum) and for the
+    type and range of every field (`piggyback.taskmeta`), but not against a model.
+    Whatever the bytes, the only errors are TaskFileError and TaskFileNotFoundError."""
     path = Path(path)
     header, tensors = read_safetensors(path, "task file")
     if header.get("format") != FORMAT or "piggyback" not in header:
         raise TaskFileError(f"{path} is a safetensors file but not a piggyback task file")
     try:
         meta = json.loads(header["piggyback"])
-        version_ = int(meta["format_version"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TaskFileError(f"{path} has unreadable piggyback metadata: {exc}") from exc
+    except (ValueError, RecursionError, MemoryError) as exc:  # RecursionError: deep nesting
+        raise TaskFileError(
+            f"{path} has unreadable piggyback metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    version_ = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version_, bool) or not isinstance(version_, int) or version_ < 1:
+        raise TaskFileError(f"{path} has no valid format_version in its metadata")
     if version_ > FORMAT_VERSION:
         raise TaskFileError(
             f"{path} uses task-file format {version_}; this piggyback "
             f"({library_version()}) reads up to {FORMAT_VERSION}: upgrade piggyback"
         )
-    if meta.get("checksum") != _checksum(tensors):
-        raise TaskFileError(f"{path} is corrupt: its tensors do not match their checksum")
-    _check_field_types(path, meta)
+    if version_ >= 3:
+        intact = header.get("checksum") == _header_checksum(header["piggyback"], tensors)
+    else:  # formats 1-2 checksummed the tensors only
+        intact = meta.get("checksum") == _checksum(tensors)
+    if not intact:
+        raise TaskFileError(f"{path} is corrupt: its contents do not match their checksum")
+    try:
+        check_meta(meta, version_)
+        _check_tensor_kinds(tensors, meta)
+    except TaskFileError as exc:
+        raise TaskFileError(f"{path}: {exc}") from exc
     return meta, tensors
 
 
+def _check_tensor_kinds(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The mask payload is flat bytes; every other tensor is a float head or norm tensor."""
+    payload = tensors.get("masks")
+    if payload is None or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise TaskFileError("the 'masks' tensor is missing or is not flat uint8 bytes")
+    declared = meta["mask"].get("payload_bytes", payload.numel())
+    if declared != payload.numel():
+        raise TaskFileError(f"mask payload holds {payload.numel()} bytes; {declared} declared")
+    for key, tensor in tensors.items():
+        if key != "masks" and not (
+            key.startswith(("head.", "norm.")) and tensor.is_floating_point()
+        ):
+            raise TaskFileError(f"unexpected tensor {key!r} ({tensor.dtype}) in the task file")
+
+
 def task_masks(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The masks of a task file read by `read_task_file`: int8, one per layer, weight-shaped."""
-    try:
-        mask = meta["mask"]
-        layers = [(str(layer), tuple(int(d) for d in shape)) for layer, shape in mask["layers"]]
-        payload = tensors["masks"].numpy().tobytes()
-        flat = decode_mask(payload, mask["codec"], int(mask["numel"]), mask["kind"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TaskFileError(f"task file metadata misses or garbles a mask field: {exc}") from exc
-    sizes = [int(np.prod(shape)) for _, shape in layers]
-    if sum(sizes) != flat.numel():
-        raise TaskFileError(f"mask layers hold {sum(sizes)} weights; the payload {flat.numel()}")
-    views = flat.split(sizes) if sizes else []
+    """The masks of a task file read by `read_task_file`: int8, one per layer,
+    weight-shaped. Its sizes were bounded when read; decoding allocates one byte each."""
+    mask = meta["mask"]
+    layers = [(name, tuple(shape)) for name, shape in mask["layers"]]
+    payload = tensors["masks"].numpy().tobytes()
+    flat = decode_mask(payload, mask["codec"], mask["numel"], mask["kind"])
+    views = flat.split([int(np.prod(shape)) for _, shape in layers]) if layers else []
     return {layer: view.view(shape) for (layer, shape), view in zip(layers, views, strict=True)}
 
 
-def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = None) -> str:
-    """Add the task stored at `path` to `model` (as a stored, packed-mask task)."""
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task file read, checked against one model and decoded, not yet added to it."""
+
+    name: str
+    num_classes: int
+    class_names: list[str] | None
+    train_bn: bool
+    mask_kind: str
+    masks: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    norms: dict[str, dict[str, torch.Tensor]]
+    metadata: dict[str, Any]
+
+
+def prepare_task(
+    model: PiggybackModel, path: str | Path, *, name: str | None = None
+) -> PreparedTask:
+    """Read the task file at `path` and check it against `model` (backbone fingerprint,
+    layer shapes, head and norm tensors, a free name), decoding its masks: the slow
+    and untrusted half of `load_task`, which leaves `model` untouched."""
     meta, tensors = read_task_file(path)
-    try:
-        task = name or meta["task"]
-        mask_meta = meta["mask"]
-        layers = [(layer, tuple(shape)) for layer, shape in mask_meta["layers"]]
-        kind = mask_meta["kind"]
-        num_classes = int(meta["num_classes"])
-        stored_fingerprint = meta["backbone"]["fingerprint"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TaskFileError(f"{path} misses metadata field {exc}") from exc
-    if stored_fingerprint != model.fingerprint:
+    task = meta["task"] if name is None else name
+    model.check_new_task_name(task)
+    stored = meta["backbone"]["fingerprint"]
+    if stored != model.fingerprint:
         raise BackboneMismatchError(
-            f"{path} was made for backbone {stored_fingerprint[:12]} "
-            f"({meta['backbone'].get('class')}); this model's backbone is "
-            f"{model.fingerprint[:12]} ({type(model.backbone).__name__}): load it onto the "
-            "backbone it was trained on"
+            f"{path} was made for backbone {stored[:12]} ({meta['backbone'].get('class')}); "
+            f"this model's backbone is {model.fingerprint[:12]} "
+            f"({type(model.backbone).__name__}): load it onto the backbone it was trained on"
         )
-    _check_layers(path, layers, model)
-    if task in model.task_info:
-        raise ConfigError(f"task {task!r} already exists in the model; pass name= to rename it")
-    masks = task_masks(meta, tensors)
-    head_state = _prefixed(tensors, "head.")
-    norm_states = {layer: _prefixed(tensors, f"norm.{layer}.") for layer in model.norms}
-    norm_states = {k: v for k, v in norm_states.items() if v}
-    model.add_task(
-        task,
-        num_classes,
+    _check_layers(path, [(n, tuple(s)) for n, s in meta["mask"]["layers"]], model)
+    head = _prefixed(tensors, "head.")
+    _check_state(path, "head", head, _head_shapes(model, meta["num_classes"]))
+    norms: dict[str, dict[str, torch.Tensor]] = {}
+    for key in (k[len("norm.") :] for k in tensors if k.startswith("norm.")):
+        layer = next((n for n in model.norms if key.startswith(f"{n}.")), None)
+        if layer is None:
+            raise BackboneMismatchError(f"{path} holds norm tensor {key!r} for no norm layer")
+        norms.setdefault(layer, {})[key[len(layer) + 1 :]] = tensors[f"norm.{key}"]
+    for layer, state in norms.items():
+        base = model.norms[layer].base_layer.state_dict()
+        _check_state(
+            path, f"norm layer {layer}", state, {k: v.shape for k, v in base.items()}, partial=True
+        )
+    return PreparedTask(
+        name=task,
+        num_classes=meta["num_classes"],
         class_names=meta.get("class_names"),
-        train_bn=bool(norm_states) or meta.get("train_bn") is True,
-        masks=masks,
-        mask_kind=kind,
+        train_bn=bool(norms) or meta.get("train_bn") is True,
+        mask_kind=meta["mask"]["kind"],
+        masks=task_masks(meta, tensors),
+        head=head,
+        norms=norms,
         metadata=meta.get("metadata") or {},
     )
+
+
+def install_task(model: PiggybackModel, task: PreparedTask) -> str:
+    """Add a prepared task to `model`, all or nothing; returns its name."""
+    model.add_task(
+        task.name,
+        task.num_classes,
+        class_names=task.class_names,
+        train_bn=task.train_bn,
+        masks=task.masks,
+        mask_kind=task.mask_kind,
+        metadata=task.metadata,
+    )
     try:
-        model.head.heads[task].load_state_dict(head_state)
-        for layer, state in norm_states.items():
-            own = model.norms[layer].norms[task]
+        model.head.heads[task.name].load_state_dict(task.head)
+        for layer, state in task.norms.items():
+            own = model.norms[layer].norms[task.name]
             full = own.state_dict()  # a copy of the backbone's layer: what was not stored
-            for key, value in state.items():
-                full[key] = value.to(full[key].dtype) if key in full else value
+            full.update({key: value.to(full[key].dtype) for key, value in state.items()})
             own.load_state_dict(full)
-    except RuntimeError as exc:
-        model.remove_task(task)
-        raise BackboneMismatchError(f"{path}: head or norm tensors do not fit: {exc}") from exc
-    return task
+    except BaseException:
+        model.remove_task(task.name)
+        raise
+    return task.name
 
 
-def _check_field_types(path: str | Path, meta: dict[str, Any]) -> None:
-    """The checksum covers the tensors only, so a crafted header must still fail cleanly."""
-    expected = {"task": (str,), "class_names": (list, type(None)), "metadata": (dict, type(None))}
-    for key, types in expected.items():
-        if not isinstance(meta.get(key), types):
-            raise TaskFileError(f"{path}: metadata field {key!r} is malformed")
+def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = None) -> str:
+    """Add the task stored at `path` to `model` (as a stored, packed-mask task); on any
+    error the model is left exactly as it was."""
+    return install_task(model, prepare_task(model, path, name=name))
+
+
+def _head_shapes(model: PiggybackModel, num_classes: int) -> dict[str, torch.Size]:
+    """The state of a new head for `num_classes`: the backbone head's, outputs first."""
+    base = model.head.base_layer.state_dict()
+    return {key: torch.Size((num_classes, *value.shape[1:])) for key, value in base.items()}
+
+
+def _check_state(
+    path: str | Path,
+    what: str,
+    state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    *,
+    partial: bool = False,
+) -> None:
+    """`state` holds tensors of exactly `shapes` (a subset of them if `partial`)."""
+    missing = [] if partial else sorted(set(shapes) - set(state))
+    wrong = [
+        f"{key} {tuple(value.shape)} (expected {tuple(shapes[key]) if key in shapes else 'none'})"
+        for key, value in state.items()
+        if key not in shapes or value.shape != shapes[key]
+    ]
+    if missing or wrong:
+        raise BackboneMismatchError(
+            f"{path}: the {what} tensors do not fit this model (missing {missing}, "
+            f"mismatched {wrong[:3]}): load it onto the backbone it was trained on"
+        )
 
 
 def _check_layers(path: str | Path, layers: list[tuple[str, tuple]], model: PiggybackModel) -> None:

@@ -1,0 +1,194 @@
+"""What a task file's JSON header may hold, checked field by field before any use.
+
+A task file may come from anyone (an upload to the server, a download), so nothing in
+its header is trusted: every field is checked for type and range here, and the sizes
+it declares (classes, layer shapes, mask length, input size) are bounded before
+anything is allocated from them. Loading then checks the same sizes against the
+model the file is loaded onto (`piggyback.store.prepare_task`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .bits import CODECS
+from .config import MaskConfig
+from .errors import ConfigError, TaskFileError
+
+MAX_INPUT_SIZE = 2048  # pixels a side; a task trained above this is refused
+MAX_CLASSES = 100_000  # classes of one task's head (ImageNet-21k has 21,841)
+MAX_CLASS_NAME = 1_000  # characters of one class name
+MAX_LAYERS = 100_000  # masked layers of one backbone
+MAX_MASK_WEIGHTS = 1 << 30  # masked weights: 1.07 billion, above ViT-H (632 million)
+MAX_LAYER_DIMS = 6
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+MASK_KINDS = ("binary", "ternary")
+
+
+def check_meta(meta: Any, format_version: int) -> None:
+    """Raise TaskFileError naming the first field that is missing, mistyped or out of
+    range; `meta` is the parsed JSON header of a task file of `format_version`."""
+    _require(isinstance(meta, dict), "", "a JSON object", meta)
+    _field(meta, "task", _text(128))
+    _field(meta, "num_classes", _integer(1, MAX_CLASSES))
+    num_classes = meta["num_classes"]
+    _field(meta, "class_names", _optional(_class_names(num_classes)), required=False)
+    _field(meta, "train_bn", _optional(_boolean), required=False)
+    _field(meta, "library_version", _optional(_text(64)), required=False)
+    _field(meta, "metadata", _optional(_metadata), required=False)
+    _field(meta, "config", _mask_config)
+    _field(meta, "backbone", _backbone)
+    _field(meta, "mask", _mask)
+    if format_version < 3:  # later formats keep the checksum beside the metadata
+        _field(meta, "checksum", _text(64))
+
+
+def check_input_size(size: Any, where: str) -> None:
+    """An input size (pixels a side) as read from a file: an int in [1, MAX_INPUT_SIZE]."""
+    _integer(1, MAX_INPUT_SIZE)(size, where)
+
+
+# ------------------------------------------------------------------ checkers
+# Each checker takes (value, where) and raises TaskFileError naming `where`.
+Checker = Callable[[Any, str], None]
+
+
+def _require(ok: bool, where: str, expected: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        field = f"field {where!r}" if where else "the metadata"
+        raise TaskFileError(f"task file {field} must be {expected}, got {shown}")
+
+
+def _field(meta: dict[str, Any], key: str, check: Checker, *, required: bool = True) -> None:
+    if key not in meta:
+        if required:
+            raise TaskFileError(f"task file metadata misses the field {key!r}")
+        return
+    check(meta[key], key)
+
+
+def _optional(check: Checker) -> Checker:
+    def checked(value: Any, where: str) -> None:
+        if value is not None:
+            check(value, where)
+
+    return checked
+
+
+def _boolean(value: Any, where: str) -> None:
+    _require(isinstance(value, bool), where, "true or false", value)
+
+
+def _integer(low: int, high: int) -> Checker:
+    def checked(value: Any, where: str) -> None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        _require(ok, where, f"an integer in [{low}, {high:,}]", value)
+
+    return checked
+
+
+def _number(low: float, high: float) -> Checker:
+    def checked(value: Any, where: str) -> None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and low <= value <= high
+        _require(ok, where, f"a number in [{low}, {high}]", value)
+
+    return checked
+
+
+def _text(longest: int) -> Checker:
+    def checked(value: Any, where: str) -> None:
+        ok = isinstance(value, str) and len(value) <= longest
+        _require(ok, where, f"a string of at most {longest} characters", value)
+
+    return checked
+
+
+def _class_names(num_classes: int) -> Checker:
+    def checked(value: Any, where: str) -> None:
+        ok = isinstance(value, list) and len(value) == num_classes
+        _require(ok, where, f"a list of {num_classes} names (num_classes)", value)
+        for index, name in enumerate(value):
+            _text(MAX_CLASS_NAME)(name, f"{where}[{index}]")
+
+    return checked
+
+
+# What the library itself records in `metadata`; other keys are kept but never read.
+_METADATA: dict[str, Checker] = {
+    "backbone": _optional(_text(256)),
+    "weights": _optional(_text(4096)),
+    "size": _optional(_integer(1, MAX_INPUT_SIZE)),
+    "data": _optional(_text(4096)),
+    "seed": _optional(_integer(-(1 << 63), (1 << 64) - 1)),
+    "val_fraction": _optional(_number(0.0, 1.0)),
+    "test_fraction": _optional(_number(0.0, 1.0)),
+    "limit": _optional(_integer(1, 1 << 62)),
+}
+
+
+def _metadata(value: Any, where: str) -> None:
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    for key, check in _METADATA.items():
+        if key in value:
+            check(value[key], f"{where}.{key}")
+
+
+def _mask_config(value: Any, where: str) -> None:
+    _require(isinstance(value, dict), where, "a JSON object of MaskConfig settings", value)
+    try:
+        MaskConfig.from_dict(value)
+    except (ConfigError, TypeError) as exc:
+        raise TaskFileError(f"task file field {where!r} is not a valid MaskConfig: {exc}") from exc
+
+
+def _backbone(value: Any, where: str) -> None:
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    fingerprint = value.get("fingerprint")
+    ok = isinstance(fingerprint, str) and FINGERPRINT.fullmatch(fingerprint) is not None
+    _require(ok, f"{where}.fingerprint", "64 hexadecimal digits", fingerprint)
+    _text(256)(value.get("class", ""), f"{where}.class")
+    _text(1024)(value.get("head", ""), f"{where}.head")
+
+
+def _mask(value: Any, where: str) -> None:
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    kind, codec = value.get("kind"), value.get("codec")
+    _require(kind in MASK_KINDS, f"{where}.kind", f"one of {list(MASK_KINDS)}", kind)
+    _require(codec in CODECS, f"{where}.codec", f"one of {list(CODECS)}", codec)
+    layers = value.get("layers")
+    ok = isinstance(layers, list) and len(layers) <= MAX_LAYERS
+    _require(ok, f"{where}.layers", f"a list of at most {MAX_LAYERS:,} layers", layers)
+    total = sum(_layer(layer, f"{where}.layers[{i}]") for i, layer in enumerate(layers))
+    names = [layer[0] for layer in layers]
+    _require(len(set(names)) == len(names), f"{where}.layers", "unique layer names", names)
+    _require(
+        total <= MAX_MASK_WEIGHTS,
+        f"{where}.layers",
+        f"at most {MAX_MASK_WEIGHTS:,} weights in all",
+        total,
+    )
+    numel = value.get("numel")
+    _require(numel == total, f"{where}.numel", f"{total:,} (the sum of its layers)", numel)
+    for key in ("bits_per_weight", "entropy_bits_per_weight"):
+        _field(value, key, _number(0.0, 64.0), required=False)
+    _field(value, "kept", _number(0.0, 1.0), required=False)
+    _field(value, "payload_bytes", _integer(0, 1 << 62), required=False)
+
+
+def _layer(value: Any, where: str) -> int:
+    """Check one `[name, shape]` entry; returns its number of weights."""
+    ok = isinstance(value, list) and len(value) == 2 and isinstance(value[1], list)
+    _require(ok, where, "a [name, shape] pair", value)
+    name, shape = value
+    _text(1024)(name, f"{where}[0]")
+    ok = 1 <= len(shape) <= MAX_LAYER_DIMS
+    _require(ok, f"{where}[1]", f"a shape of 1 to {MAX_LAYER_DIMS} sizes", shape)
+    for dim in shape:
+        _integer(0, MAX_MASK_WEIGHTS)(dim, f"{where}[1]")
+    return math.prod(shape)
