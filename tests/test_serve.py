@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from test_model import train_steps
 
 import piggyback
-from piggyback import MaskConfig, PiggybackModel, read_task_file
+from piggyback import MaskConfig, PiggybackModel, read_task_file, store
 from piggyback.backbones import InputSpec, create_backbone
 from piggyback.cli import main
 from piggyback.pipeline import predict
@@ -415,6 +416,29 @@ def test_input_size_is_bounded(own_dir: Path, tmp_path: Path) -> None:
     model = PiggybackModel(make_tiny(), MaskConfig())
     with pytest.raises(piggyback.ConfigError, match="max_input_size"):
         TaskRegistry(model, SPEC, own_dir, size=64, max_input_size=32)
+
+
+def test_uploads_decode_outside_the_model_lock(
+    own_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow (hostile) upload must not stall predictions: only installing holds the lock."""
+    decode = store.task_masks
+
+    def slow_decode(*args: Any) -> dict[str, torch.Tensor]:
+        time.sleep(2)
+        return decode(*args)
+
+    files = {"file": ("d.safetensors", new_task_file(tmp_path))}
+    with server(own_dir, admin_token="t") as base, ThreadPoolExecutor(1) as pool:
+        monkeypatch.setattr(store, "task_masks", slow_decode)
+        auth = {"authorization": "Bearer t"}
+        upload = pool.submit(httpx.post, f"{base}/tasks", files=files, headers=auth, timeout=30)
+        time.sleep(0.5)  # the upload is decoding now
+        start = time.monotonic()
+        answer = httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1]))
+        waited = time.monotonic() - start
+        assert upload.result().status_code == 201 and answer.status_code == 200
+    assert waited < 1.0, f"a prediction waited {waited:.1f} s for an upload's decoding"
 
 
 def test_admin_token_guards_changes(own_dir: Path, tmp_path: Path) -> None:

@@ -32,7 +32,15 @@ from torch import nn
 from ..backbones import InputSpec
 from ..errors import ConfigError, PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
-from ..store import SUFFIX, read_task_file, task_files, write_atomic
+from ..store import (
+    SUFFIX,
+    PreparedTask,
+    install_task,
+    prepare_task,
+    read_task_file,
+    task_files,
+    write_atomic,
+)
 from .batcher import Job
 
 log = logging.getLogger(__name__)
@@ -129,8 +137,10 @@ class TaskRegistry:
 
     Each task is fed at `size` if given, else at the size its file records (what it was
     trained at), else at `spec.size`; never above `max_input_size`. One lock guards the
-    model: batches, uploads and deletions take turns, so a task never changes under a
-    running batch.
+    model: batches and the quick install or removal of a task take turns, so a task never
+    changes under a running batch. Reading, checking and decoding an upload (slow for a
+    hostile file) happen outside it, while batches run; uploads and deletions take turns
+    among themselves under a second lock.
 
     Example:
         >>> registry = TaskRegistry(model, spec, "tasks/")  # doctest: +SKIP
@@ -165,15 +175,14 @@ class TaskRegistry:
         self.cache = BakedCache(cache_size, model.bake)
         self.skipped: dict[str, str] = {}  # file name -> why it is not served
         self._entries: dict[str, TaskEntry] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model: batches, installs, removals
+        self._writing = threading.Lock()  # the folder and the task list: uploads, deletions
         for path in task_files(self.directory):
             try:
-                entry = self._load(path, read_task_file(path)[0])
+                self._install(*self._prepare(path))
             except PiggybackError as exc:
                 self.skipped[path.name] = str(exc).replace(str(path), path.name)
                 log.error("skipped task file %s: %s", path.name, self.skipped[path.name])
-            else:
-                self._entries[entry.name] = entry
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -192,38 +201,33 @@ class TaskRegistry:
     def add(self, data: bytes) -> TaskEntry:
         """Validate an uploaded task file on the model, then persist it into the folder.
 
-        The library checks it all (safetensors, checksum, backbone fingerprint, layer
-        shapes) before anything is written, so a bad file leaves the folder untouched.
+        The library checks it all (safetensors, checksum, every header field, backbone
+        fingerprint, layer and head shapes) and decodes it before anything is written, so
+        a bad file leaves the folder untouched, and batches run meanwhile.
         """
-        with tempfile.TemporaryDirectory() as tmp:
+        with self._writing, tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / f"upload{SUFFIX}"
             staged.write_bytes(data)
             try:
-                return self._add(staged, data)
+                prepared, entry = self._prepare(staged)  # checks the name: a safe path
             except TaskFileError as exc:  # name the upload, not its temporary path
                 raise type(exc)(str(exc).replace(str(staged), "the uploaded file")) from exc
-
-    def _add(self, staged: Path, data: bytes) -> TaskEntry:
-        meta = read_task_file(staged)[0]
-        with self._lock:
-            entry = self._load(staged, meta)  # validates the name before it becomes a path
             target = self.directory / f"{entry.name}{SUFFIX}"
+            if target.exists():
+                raise TaskExistsError(f"{target.name} already exists in the task folder")
+            write_atomic(target, data)
             try:
-                if target.exists():
-                    raise TaskExistsError(f"{target.name} already exists in the task folder")
-                write_atomic(target, data)
+                return self._install(prepared, replace(entry, path=target))
             except BaseException:
-                self._unload(entry.name)
+                target.unlink(missing_ok=True)
                 raise
-            entry = replace(entry, path=target)
-            self._entries[entry.name] = entry
-            return entry
 
     def remove(self, name: str) -> None:
         """Delete a task's file, then the task: a failed delete leaves it served."""
-        with self._lock:
+        with self._writing:
             self.entry(name).path.unlink(missing_ok=True)
-            self._unload(name)
+            with self._lock:
+                self._unload(name)
 
     # ------------------------------------------------------------- inference
     @torch.no_grad()
@@ -259,9 +263,14 @@ class TaskRegistry:
         return outcomes
 
     # --------------------------------------------------------------- helpers
-    def _load(self, path: Path, meta: dict[str, Any]) -> TaskEntry:
-        """Load the task file at `path` (whose metadata is `meta`) onto the model, all or
-        nothing; the caller lists its entry."""
+    def _prepare(self, path: Path) -> tuple[PreparedTask, TaskEntry]:
+        """Read, check and decode the task file at `path` for the model, leaving the model
+        untouched: the slow and untrusted half of adding a task, done outside the lock.
+
+        The header is read first for what the server itself refuses (a task already
+        served, too large an input) before any mask is decoded.
+        """
+        meta = read_task_file(path)[0]
         existing = self._entries.get(meta["task"])
         if existing is not None:
             raise TaskExistsError(
@@ -269,17 +278,23 @@ class TaskRegistry:
                 "remove it first"
             )
         spec = self._input(path, meta)
-        name = self.model.load_task(path)
-        info = self.model.task_info[name]
+        prepared = prepare_task(self.model, path)
         entry = TaskEntry(
-            name=name,
+            name=prepared.name,
             path=path,
             file_bytes=path.stat().st_size,
-            num_classes=info.num_classes,
-            class_names=info.class_names,
+            num_classes=prepared.num_classes,
+            class_names=prepared.class_names,
             spec=spec,
             mask={k: v for k, v in meta["mask"].items() if k != "layers"},
         )
+        return prepared, entry
+
+    def _install(self, prepared: PreparedTask, entry: TaskEntry) -> TaskEntry:
+        """Add a prepared task to the model and the task list: quick, under the lock."""
+        with self._lock:
+            install_task(self.model, prepared)
+            self._entries[entry.name] = entry
         return entry
 
     def _input(self, path: Path, meta: dict[str, Any]) -> InputSpec:
