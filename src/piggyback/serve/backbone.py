@@ -63,12 +63,18 @@ def build_model(
     else:
         net = _voted(files, None if weights is None else str(weights))
     own = fingerprint(net)
-    config = _config([meta for meta in files.values() if _fingerprint(meta) == own])
+    configs = Counter(
+        json.dumps(meta["config"], sort_keys=True)
+        for meta in files.values()
+        if meta["backbone"]["fingerprint"] == own
+    )
+    config = MaskConfig.from_dict(json.loads(configs.most_common(1)[0][0])) if configs else None
     return PiggybackModel(net, config).eval(), input_spec(net)
 
 
 def _readable(paths: list[Path]) -> dict[Path, dict[str, Any]]:
-    """The metadata of each file that reads; the registry reports the others."""
+    """The metadata of each file that reads (every field checked by `read_task_file`);
+    the registry reports the others."""
     found = {}
     for path in paths:
         try:
@@ -83,10 +89,14 @@ def _voted(files: dict[Path, dict[str, Any]], weights: str | None) -> nn.Module:
     votes: Counter[_Record] = Counter()
     oldest: dict[_Record, float] = {}
     for path, meta in files.items():
-        record = _record(meta, weights)
-        if record is not None:
-            votes[record] += 1
-            oldest[record] = min(oldest.get(record, float("inf")), path.stat().st_mtime)
+        extra = meta.get("metadata") or {}
+        record = _Record(
+            backbone=extra.get("backbone") or DEFAULT_BACKBONE,
+            weights=weights if weights is not None else extra.get("weights"),
+            fingerprint=meta["backbone"]["fingerprint"],
+        )
+        votes[record] += 1
+        oldest[record] = min(oldest.get(record, float("inf")), path.stat().st_mtime)
     for record in sorted(votes, key=lambda r: (-votes[r], oldest[r])):
         try:
             net = create_backbone(record.backbone, weights=record.weights)
@@ -103,31 +113,3 @@ def _voted(files: dict[Path, dict[str, Any]], weights: str | None) -> nn.Module:
             DEFAULT_BACKBONE,
         )
     return create_backbone(DEFAULT_BACKBONE, weights=weights)
-
-
-def _record(meta: dict[str, Any], weights: str | None) -> _Record | None:
-    """What a file records, with `weights` for its weights; None if malformed."""
-    extra = meta.get("metadata") or {}
-    name = extra.get("backbone") or DEFAULT_BACKBONE
-    recorded_weights = weights if weights is not None else extra.get("weights")
-    stored = _fingerprint(meta)
-    if not isinstance(name, str) or not isinstance(recorded_weights, (str, type(None))):
-        return None
-    return None if stored is None else _Record(name, recorded_weights, stored)
-
-
-def _fingerprint(meta: dict[str, Any]) -> str | None:
-    backbone = meta.get("backbone")
-    found = backbone.get("fingerprint") if isinstance(backbone, dict) else None
-    return found if isinstance(found, str) else None
-
-
-def _config(files: list[dict[str, Any]]) -> MaskConfig:
-    """The mask config most of `files` record that is valid; the default if none."""
-    votes = Counter(json.dumps(meta.get("config"), sort_keys=True) for meta in files)
-    for text, _ in votes.most_common():
-        try:
-            return MaskConfig.from_dict(json.loads(text))
-        except (PiggybackError, TypeError) as exc:
-            log.error("task files record an unusable mask config %s: %s", text[:200], exc)
-    return MaskConfig()
