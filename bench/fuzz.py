@@ -91,7 +91,7 @@ def source_files(work: Path, generator: torch.Generator) -> tuple[PiggybackModel
     """The model and three task files to damage, all from seeded random masks."""
     torch.manual_seed(0)
     model = PiggybackModel(SmallNet().eval(), MaskConfig(train_bn=True))
-    shapes = {name: layer.weight.shape for name, layer in model.masked_layers.items()}
+    shapes = {name: layer.frozen.shape for name, layer in model.masked_layers.items()}
     specs = [("dense", 0.5, "binary", True), ("sparse", 0.97, "binary", False),
              ("ternary", 0.5, "ternary", False)]  # fmt: skip
     paths = []

@@ -59,7 +59,7 @@ def build(name: str, size: int, device: torch.device) -> nn.Module:
 def random_masks(model: PiggybackModel, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
-        name: (torch.rand(layer.weight.shape, generator=generator) < KEEP).to(torch.int8)
+        name: (torch.rand(layer.frozen.shape, generator=generator) < KEEP).to(torch.int8)
         for name, layer in model.masked_layers.items()
     }
 
@@ -291,7 +291,7 @@ def resident_memory(
 ) -> dict[str, Any]:
     """Bytes that N stored tasks keep in memory (packed masks + heads) vs the backbone."""
     backbone_bytes = sum(t.numel() * t.element_size() for t in model.base.state_dict().values())
-    masked = sum(layer.weight.numel() for layer in model.masked_layers.values())
+    masked = sum(layer.frozen.numel() for layer in model.masked_layers.values())
     row: dict[str, Any] = {"backbone_mb": backbone_bytes / 2**20}
     added = 0
     for count in sorted(counts):

@@ -1,6 +1,9 @@
-"""Tiny models shared by the tests."""
+"""Tiny models and images shared by the tests."""
 
 from __future__ import annotations
+
+import struct
+import zlib
 
 import pytest
 import torch
@@ -49,3 +52,26 @@ def tiny() -> TinyNet:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+# A PNG text chunk that inflates past PIL's limit for text (its ValueError is no OSError).
+HUGE_TEXT_CHUNK = (b"zTXt", b"note\x00\x00" + zlib.compress(b"a" * 20_000_000))
+
+
+def png_header(width: int, height: int, *chunks: tuple[bytes, bytes]) -> bytes:
+    """A grey PNG that declares `width` x `height` pixels in a few bytes: its one row of
+    pixel data is all a decoder would get, so only header checks may look at it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * (width + 1))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + b"".join(chunk(kind, data) for kind, data in chunks)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )

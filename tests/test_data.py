@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib.util
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import png_header
 from PIL import Image
 
 from piggyback import data
@@ -163,6 +165,38 @@ def test_csv_row_with_wrong_column_count(tmp_path: Path) -> None:
         load_task_data(tmp_path / "bad.csv", SPEC)
 
 
+def test_csv_that_is_not_utf8(folder: Path) -> None:
+    (folder / "latin.csv").write_bytes("cat/00.png,caf\xe9\ndog/00.png,th\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv is not UTF-8 text .*save it as UTF-8"):
+        load_task_data(folder / "latin.csv", SPEC)
+
+
+def test_csv_saved_with_a_byte_order_mark(folder: Path) -> None:
+    """As Excel saves UTF-8: the mark is no part of the first row's path."""
+    rows = [f"{c}/{i:02d}.png,{c}" for c in ("owl", "cat") for i in range(5)]
+    (folder / "excel.csv").write_text("\n".join(rows), encoding="utf-8-sig")
+    task = load_task_data(folder / "excel.csv", SPEC)
+    assert len(task.train) + len(task.val) + len(task.test) == 10
+
+
+@pytest.mark.parametrize("label", ["1" + "0" * 30, "-1", "999999"])
+def test_csv_label_that_is_no_class_index(folder: Path, label: str) -> None:
+    """A label of 999999 would build a million-class head: refused before, with the limit."""
+    (folder / "ids.csv").write_text(f"cat/00.png,0\ndog/00.png,{label}\n")
+    with pytest.raises(DataError, match=rf"ids\.csv:2: label {label} is not a class index") as info:
+        load_task_data(folder / "ids.csv", SPEC)
+    assert f"0..{data.MAX_CLASSES - 1}" in str(info.value)
+
+
+def test_classes_without_training_images_warn(folder: Path) -> None:
+    """Integer labels 1 and 5 are indices: classes 0, 2, 3, 4 exist but have no images."""
+    rows = [f"{c}/{i:02d}.png,{n}" for c, n in (("cat", 1), ("dog", 5)) for i in range(5)]
+    (folder / "gaps.csv").write_text("\n".join(rows))
+    with pytest.warns(UserWarning, match=r"4 of the 6 classes .* no training images .*'0', '2'"):
+        task = load_task_data(folder / "gaps.csv", SPEC)
+    assert task.num_classes == 6
+
+
 def test_corrupt_file_is_skipped_with_one_warning(folder: Path) -> None:
     (folder / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
     (folder / "dog" / "broken.jpg").write_bytes(b"")
@@ -177,6 +211,26 @@ def test_corrupt_file_is_an_error_when_strict(folder: Path) -> None:
         load_task_data(folder, SPEC, strict=True)
 
 
+def test_oversized_images_are_skipped_from_their_header(folder: Path) -> None:
+    """A few bytes that declare a gigapixel image are refused before decoding."""
+    (folder / "cat" / "bomb.png").write_bytes(png_header(20_000, 20_000))
+    (folder / "dog" / "strip.png").write_bytes(png_header(100_000, 1))
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) of 32; first: .*bomb"):
+        task = load_task_data(folder, SPEC)
+    assert len(task.train) + len(task.val) + len(task.test) == 30
+    with pytest.raises(DataError, match=r"bomb\.png is too large.*strict=False"):
+        load_task_data(folder, SPEC, strict=True)
+
+
+def test_image_grown_after_loading_is_skipped(folder: Path) -> None:
+    task = load_task_data(folder, SPEC, val_fraction=0.0, test_fraction=0.0)
+    Path(_paths(task.train)[0]).write_bytes(png_header(100_000, 1))
+    with pytest.warns(UserWarning, match=r"skipping unreadable image: image .* elongated"):
+        assert task.train[0] is None
+    with pytest.raises(DataError, match=r"elongated than 64:1; .*strict=False"):
+        TaskDataset(task.train.source, task.train.indices, task.train.transform, strict=True)[0]
+
+
 def test_file_lost_after_loading_is_dropped_from_its_batch(folder: Path) -> None:
     task = load_task_data(folder, SPEC, val_fraction=0.0, test_fraction=0.0)
     lost = _paths(task.train)[:3]
@@ -188,7 +242,7 @@ def test_file_lost_after_loading_is_dropped_from_its_batch(folder: Path) -> None
     assert len(batches) == len(task.train) // 3 - 1  # the all-lost first batch is gone
     assert sum(len(labels) for _, labels in batches) == 27
     assert task.train[0] is None
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match=r"image .*\.png does not exist"):
         TaskDataset(task.train.source, task.train.indices, task.train.transform, strict=True)[0]
 
 
@@ -224,6 +278,39 @@ def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "cat").mkdir()
     with pytest.raises(DataError, match="holds no images in class folders"):
         load_task_data(tmp_path, SPEC)
+
+
+def _deny_listing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    """Listing `denied` fails as without read permission, which chmod cannot show when
+    the tests run as root (root reads any folder)."""
+    real = os.scandir
+
+    def scandir(path: str = ".") -> object:
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("denied", ["dog", ""], ids=["class-folder", "root"])
+def test_unlistable_folder_is_an_error_not_empty(
+    folder: Path, denied: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _deny_listing(monkeypatch, folder / denied)
+    with pytest.raises(DataError) as info:
+        load_task_data(folder, SPEC)
+    assert f"cannot list the folder {folder / denied} (Permission denied)" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder whatever its mode")
+def test_folder_without_read_permission(folder: Path) -> None:
+    (folder / "dog").chmod(0)
+    try:
+        with pytest.raises(DataError, match=r"dog \(Permission denied\)"):
+            load_task_data(folder, SPEC)
+    finally:
+        (folder / "dog").chmod(0o755)
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,9 @@ CPU = torch.device("cpu")
 # Frozen norms (the paper's recipe): per-task BatchNorm computes its batch statistics per
 # process unless --sync-bn (CUDA), so it could not match one process exactly.
 RECIPE = {"backbone": "test_resnet", "size": 16, "limit": 100, "batch_size": 16,
-          "recipe": "paper", "lr": 3e-3, "head_lr": 3e-3, "device": "cpu", "seed": 0}  # fmt: skip
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in RECIPE.items()]
+          "recipe": "paper", "lr": 3e-3, "head_lr": 3e-3, "device": "cpu", "seed": 0,
+          "allow_random_backbone": True}  # fmt: skip
+FLAGS = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in RECIPE.items()]
 ITEMS = TensorDataset(
     torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
     torch.tensor([0, 1, 2, 3, 0, 1, 2]),

@@ -10,14 +10,25 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 1, "the README should hold exactly one Python example"
-    example = blocks[0]
-    assert len(example.strip().splitlines()) <= 18  # the promised ~15 lines (+ imports)
+def examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def run(example: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(example, str(README), "exec"), namespace)
+    return namespace
+
+
+def test_readme_has_the_two_examples() -> None:
+    vision, text = examples()
+    assert len(vision.strip().splitlines()) <= 18  # the promised ~15 lines (+ imports)
+    assert "transformers" in text
+
+
+def test_readme_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace = run(examples()[0], tmp_path, monkeypatch)
     assert (tmp_path / "birds.safetensors").exists()
     served, plain, images = namespace["served"], namespace["plain"], namespace["images"]
     assert type(plain) is type(namespace["backbone"])
@@ -26,3 +37,15 @@ def test_readme_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     with torch.no_grad():
         assert torch.allclose(plain(images), served(images), atol=1e-5)
+
+
+def test_readme_hugging_face_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    import torch
+
+    namespace = run(examples()[1], tmp_path, monkeypatch)
+    served, plain, ids = namespace["served"], namespace["plain"], namespace["ids"]
+    assert type(plain) is type(namespace["bert"]) and served.tasks == ["sentiment"]
+    served.set_task("sentiment").eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, served(input_ids=ids).logits, atol=1e-5)

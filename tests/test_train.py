@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import make_tiny
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import piggyback.train as train_module
 from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
-from piggyback.data import TaskData, load_task_data
-from piggyback.train import TrainConfig, fit, prepare_task
+from piggyback.data import TaskData, load_task_data, make_loader
+from piggyback.errors import DataError, TaskFileError
+from piggyback.train import TrainConfig, evaluate, fit, prepare_task, train_one_epoch
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
@@ -120,6 +122,76 @@ def test_resume_after_interrupt_matches_uninterrupted(
     assert resumed.test == whole.test
     for name, mask in whole_model.masks("d").items():
         assert torch.equal(resumed_model.masks("d")[name], mask), name
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _epochs(out: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_killed_before_the_first_checkpoint_starts_over(
+    digits: TaskData, tmp_path: Path
+) -> None:
+    """What a kill while writing the first checkpoint left (before metrics.jsonl was
+    written after the checkpoint): epoch 1 in metrics.jsonl, a partial temporary file."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / ".state.safetensors.x.tmp").write_bytes(b"\x00" * 10)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    fresh = fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path / "fresh")
+    with pytest.warns(UserWarning, match="no complete checkpoint in .*; starting over"):
+        resumed = fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path, resume=True)
+    assert resumed.history == fresh.history
+    assert _epochs(tmp_path) == [1, 2]
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint(
+    digits: TaskData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metrics.jsonl ahead of the checkpoint (as an older version could leave it) is cut
+    back to the checkpoint's history as soon as the resumed run starts."""
+    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"epoch": 2}) + "\n")
+
+    monkeypatch.setattr(train_module, "train_one_epoch", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=3), tmp_path, resume=True)
+    assert _epochs(tmp_path) == [1]
+
+
+def test_a_fresh_run_forgets_an_older_checkpoint(
+    digits: TaskData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in its first epoch, a run without --resume must not leave the older run's
+    checkpoint for a later --resume to continue."""
+    fit(PiggybackModel(make_tiny()), "d", digits, quick(epochs=1), tmp_path)
+    monkeypatch.setattr(train_module, "train_one_epoch", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path)
+    assert not (tmp_path / "checkpoint" / "state.safetensors").exists()
+    assert _epochs(tmp_path) == []
+
+
+def test_damaged_checkpoint_is_refused_with_the_fix(digits: TaskData, tmp_path: Path) -> None:
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(TaskFileError, match=r"cannot resume from .*Delete .*checkpoint"):
+        fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path, resume=True)
+
+
+def test_labels_the_head_lacks_are_refused() -> None:
+    """On CUDA cross_entropy would end the process with a device-side assert."""
+    items = TensorDataset(torch.randn(2, 3, 8, 8), torch.tensor([0, 7]))
+    loader = make_loader(items, 2, shuffle=False)
+    net = make_tiny(num_classes=4)
+    words = r"labels 0\.\.7, but the head has 4 classes"
+    with pytest.raises(DataError, match=words):
+        evaluate(net, loader, torch.device("cpu"), 4, progress=False)
+    with pytest.raises(DataError, match=words):
+        train_one_epoch(net, loader, torch.optim.SGD(net.parameters()), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(

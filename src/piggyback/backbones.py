@@ -141,6 +141,16 @@ def _resolve(name: str) -> tuple[str, str]:
     )
 
 
+def has_trained_weights(
+    name: str, *, pretrained: bool = False, weights: str | Path | None = None
+) -> bool:
+    """Whether `create_backbone` with these arguments starts from trained weights, so
+    that any process can rebuild it: the embedded default always does, other names only
+    with `pretrained` or `weights`. A random one is the same again only under the same
+    seed and torch/timm versions."""
+    return pretrained or weights is not None or _resolve(name)[0] == "embedded"
+
+
 def create_backbone(
     name: str, *, pretrained: bool = False, weights: str | Path | None = None
 ) -> nn.Module:

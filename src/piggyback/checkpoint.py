@@ -1,4 +1,8 @@
-"""Resumable training state in safetensors + JSON: no pickle, even for the optimizer."""
+"""Resumable training state in safetensors + JSON: no pickle, even for the optimizer.
+
+The state is one file, written atomically: a run killed at any moment leaves either the
+previous complete checkpoint or, before the first one, none (`has_checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,17 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(path, safetensors_save(tensors, metadata={"checkpoint": json.dumps(meta)}))
     return path
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a complete checkpoint (a damaged one still counts, so
+    that `load_checkpoint` says so instead of it being silently replaced)."""
+    return (directory / FILE).is_file()
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Forget an earlier run's state when a run starts over in the same folder."""
+    (directory / FILE).unlink(missing_ok=True)
 
 
 def load_checkpoint(

@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +32,12 @@ TRAIN_KEYS = (
     "strict", "val_fraction", "test_fraction", "method", "epochs", "batch_size", "lr", "head_lr",
     "lr_decay", "lr_decay_every", "weight_decay", "optimizer", "seed", "device", "num_workers",
     "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume", "amp", "sync_bn",
-    "recipe",
+    "recipe", "allow_random_backbone",
 )  # fmt: skip
 # `train-many` settings that hold for the whole run, so only at the top of its file.
 SHARED_KEYS = (
-    "backbone", "weights", "pretrained", "threshold", "threshold_fn", "init", "init_scale",
-    "device", "out",
+    "backbone", "weights", "pretrained", "allow_random_backbone", "threshold", "threshold_fn",
+    "init", "init_scale", "device", "out",
 )  # fmt: skip
 
 
@@ -94,7 +95,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--head-lr", type=float, help="the new head (and norms); see --recipe")
     group.add_argument("--lr-decay", type=float, default=0.1)
     group.add_argument("--lr-decay-every", type=int, default=15)
-    group.add_argument("--weight-decay", type=float, default=0.0)
+    group.add_argument(
+        "--weight-decay", type=float, default=0.0, help="head and norms only; never the scores"
+    )
     group.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -114,7 +117,12 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
     group = train.add_argument_group("output")
     group.add_argument("--out", type=Path, help="output folder (default: runs/TASK)")
-    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint; with none yet (killed in epoch 1) start over; "
+        "a damaged one is an error",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train, **(train_defaults or {}))
 
@@ -206,6 +214,12 @@ def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--weights", type=Path, help="local state_dict file for the backbone")
     group.add_argument("--pretrained", action="store_true", help="download pretrained weights")
+    group.add_argument(
+        "--allow-random-backbone",
+        action="store_true",
+        help="train on randomly initialised weights (no --pretrained or --weights) anyway: "
+        "the task file then loads only onto a backbone rebuilt with the same --seed",
+    )
 
 
 def _add_open_flags(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +358,7 @@ def _build_model(args: argparse.Namespace) -> PiggybackModel:
     from .config import MaskConfig
     from .model import PiggybackModel
 
+    _check_trained_weights(args)
     mask_config = MaskConfig(
         threshold=args.threshold, threshold_fn=args.threshold_fn, init=args.init,
         init_scale=args.init_scale, train_bn=args.train_bn,
@@ -353,6 +368,24 @@ def _build_model(args: argparse.Namespace) -> PiggybackModel:
         args.backbone or DEFAULT_BACKBONE, pretrained=args.pretrained, weights=args.weights
     )
     return PiggybackModel(backbone, mask_config)
+
+
+def _check_trained_weights(args: argparse.Namespace) -> None:
+    """Refuse a random backbone unless asked for: eval, predict and serve build a backbone
+    afresh, and a random one differs in every process, so the task file fits none."""
+    from .backbones import DEFAULT_BACKBONE, has_trained_weights
+
+    name = args.backbone or DEFAULT_BACKBONE
+    if args.allow_random_backbone or has_trained_weights(
+        name, pretrained=args.pretrained, weights=args.weights
+    ):
+        return
+    raise ConfigError(
+        f"backbone {name!r} would have random weights, so its task file would load only onto "
+        "a backbone rebuilt with the same --seed and torch/timm versions (eval, predict and "
+        "serve do not); pass --pretrained, --weights FILE, or --allow-random-backbone "
+        "(allow_random_backbone: true in a config file) to train on it anyway"
+    )
 
 
 def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainConfig) -> None:
@@ -366,11 +399,12 @@ def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCo
     task = args.task or _task_name(args.data)
     out = args.out or Path("runs") / task
     spec = input_spec(model.backbone, size=args.size)
-    data = load_task_data(
-        args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, limit=args.limit, augment=args.augment,
-        strict=args.strict,
-    )  # fmt: skip
+    with _plain_warnings():
+        data = load_task_data(
+            args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, limit=args.limit, augment=args.augment,
+            strict=args.strict,
+        )  # fmt: skip
     settings = {key: _plain(getattr(args, key)) for key in TRAIN_KEYS}
     settings.update(backbone=backbone_name, task=task, out=str(out), size=spec.size)
     if is_main():
@@ -386,8 +420,7 @@ def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCo
         "test_fraction": args.test_fraction,
         "limit": args.limit,
     }
-    with warnings.catch_warnings():  # printed below as plain lines, not Python warnings
-        warnings.simplefilter("ignore", DegenerateTaskWarning)
+    with _plain_warnings():
         result = fit(
             model, task, data, config, out, train_bn=args.train_bn, resume=args.resume,
             metadata=metadata,
@@ -402,6 +435,20 @@ def _train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCo
             print(f"warning: {problem}", file=sys.stderr)
 
 
+@contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """The library's warnings as one `warning: ...` line each on stderr, like the errors;
+    a degenerate task is left out here and reported after the result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateTaskWarning)
+        warnings.showwarning = _print_warning
+        yield
+
+
+def _print_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .data import load_task_data, make_loader
     from .pipeline import open_task, task_source
@@ -414,11 +461,12 @@ def _eval(args: argparse.Namespace) -> int:
     data_name = args.data or source.get("data")
     if not data_name:
         raise ConfigError(f"{args.task_file} records no dataset; pass --data")
-    data = load_task_data(
-        data_name, spec, seed=source.get("seed", 0), limit=source.get("limit"),
-        val_fraction=source.get("val_fraction", 0.1),
-        test_fraction=source.get("test_fraction", 0.1),
-    )  # fmt: skip
+    with _plain_warnings():
+        data = load_task_data(
+            data_name, spec, seed=source.get("seed", 0), limit=source.get("limit"),
+            val_fraction=source.get("val_fraction", 0.1),
+            test_fraction=source.get("test_fraction", 0.1),
+        )  # fmt: skip
     info = model.task_info[task]
     if data.num_classes != info.num_classes:
         raise ConfigError(

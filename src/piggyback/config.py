@@ -50,10 +50,10 @@ class MaskConfig:
             raise ConfigError(f"init={self.init!r} is not known; expected one of {SCORE_INITS}")
         _check_number("threshold", self.threshold, minimum=0.0)
         _check_number("init_scale", self.init_scale, minimum=0.0, strict=True)
-        if self.init == "1s" and self.init_scale <= self.threshold:
+        if self.init in ("1s", "uniform") and self.init_scale <= self.threshold:
             raise ConfigError(
                 f"init_scale={self.init_scale} must exceed threshold={self.threshold} with "
-                "init='1s', or the first mask would drop every weight"
+                f"init={self.init!r}, or the first mask would drop every weight"
             )
         if not isinstance(self.train_bn, bool):
             raise ConfigError(f"train_bn must be True or False, got {self.train_bn!r}")

@@ -8,6 +8,7 @@ forward pass uses (None: the plain backbone).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,19 @@ from .config import MaskConfig
 from .errors import ConfigError, UnknownTaskError
 from .functional import MASK_KINDS, init_scores, threshold_scores
 
-MASKABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# The parameter each maskable type multiplies by its mask. nn.MultiheadAttention keeps its
+# input projection as a parameter of its own (its out_proj is a Linear, masked as one).
+MASKED_PARAMETER: dict[type[nn.Module], str] = {
+    nn.Conv1d: "weight",
+    nn.Conv2d: "weight",
+    nn.Conv3d: "weight",
+    nn.Linear: "weight",
+    nn.MultiheadAttention: "in_proj_weight",
+}
+MASKABLE_TYPES: tuple[type[nn.Module], ...] = tuple(MASKED_PARAMETER)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
     nn.LayerNorm,
     nn.GroupNorm,
 )
@@ -30,7 +41,14 @@ NORM_DTYPE = torch.float16  # what task files keep of a task's own norm layers
 
 
 class TaskModule(nn.Module):
-    """A wrapper with per-task state; the model switches `active_task` on all of them."""
+    """A wrapper with per-task state; the model switches `active_task` on all of them.
+
+    It stands in for the module it wraps everywhere, not only when called: reading an
+    attribute it lacks (``bias``, ``eps``, ``in_features``...) reads it from the layer
+    the active task runs (`current_layer`), since some parents read their children's
+    tensors directly instead of calling them (attention blocks pass ``qkv.weight`` to
+    ``F.linear``; the fused encoder path reads ``norm1.weight`` and ``norm1.eps``).
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -40,14 +58,29 @@ class TaskModule(nn.Module):
     def remove_task(self, task: str) -> None:
         raise NotImplementedError
 
+    def current_layer(self) -> nn.Module:
+        """The module that the active task runs."""
+        return self.base_layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise  # copying and pickling probe dunders; during __init__ nothing is there
+            return getattr(self.current_layer(), name)
+
 
 class MaskedLayer(TaskModule):
-    """A conv or linear layer whose frozen weight is multiplied by a per-task mask.
+    """A conv, linear or attention layer whose frozen weight is multiplied by a per-task
+    mask (the parameter `MASKED_PARAMETER` names: ``weight``, or ``in_proj_weight``).
 
     A task is either trainable (fp32 scores, thresholded each forward) or stored
     (a bit-packed mask, 1 or 2 bits per weight). Under `torch.no_grad` the masked
     weight of the last task used is cached, so inference does not re-threshold or
-    unpack on every call.
+    unpack on every call. Reading the masked parameter by name (``layer.weight``)
+    gives the active task's masked weight, so parents that read it directly see the
+    mask too (and pass the scores their gradient); `frozen` is the backbone's own.
 
     Example:
         >>> layer = MaskedLayer(nn.Linear(4, 2), MaskConfig())
@@ -57,12 +90,9 @@ class MaskedLayer(TaskModule):
     """
 
     def __init__(self, base_layer: nn.Module, config: MaskConfig) -> None:
-        if not isinstance(base_layer, MASKABLE_TYPES):
-            raise ConfigError(
-                f"cannot mask {type(base_layer).__name__}; supported: "
-                f"{[t.__name__ for t in MASKABLE_TYPES]}"
-            )
+        parameter = masked_parameter(base_layer)
         super().__init__(base_layer)
+        self.parameter = parameter
         self.config = config
         self.scores = nn.ParameterDict()
         self.packed = _BufferDict()
@@ -70,8 +100,14 @@ class MaskedLayer(TaskModule):
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def frozen(self) -> torch.Tensor:
+        """The backbone's own weight, never masked and never trained."""
+        return getattr(self.base_layer, self.parameter)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self.__dict__.get("parameter"):
+            return self.masked_weight(self.active_task)
+        return super().__getattr__(name)
 
     @property
     def tasks(self) -> list[str]:
@@ -79,19 +115,25 @@ class MaskedLayer(TaskModule):
 
     def add_task(self, task: str) -> None:
         """Fresh trainable scores for `task`, initialised as the config says."""
-        self.scores[task] = nn.Parameter(
-            init_scores(self.weight, self.config.init, self.config.init_scale)
-        )
+        scores = init_scores(self.frozen, self.config.init, self.config.init_scale)
+        if not bool((scores > self.config.threshold).any()):
+            raise ConfigError(
+                f"init={self.config.init!r} starts every score of this "
+                f"{type(self.base_layer).__name__} {tuple(self.frozen.shape)} at or below "
+                f"threshold={self.config.threshold}: its first mask would drop every weight. "
+                "Use init='1s' with init_scale above the threshold, or lower the threshold"
+            )
+        self.scores[task] = nn.Parameter(scores)
         self.kinds[task] = MASK_KINDS[self.config.threshold_fn]
 
     def store_mask(self, task: str, mask: torch.Tensor, kind: MaskKind) -> None:
         """Hold `task` as a fixed bit-packed mask (replacing any scores it had)."""
-        if mask.shape != self.weight.shape:
+        if mask.shape != self.frozen.shape:
             raise ConfigError(
                 f"mask for task {task!r} has shape {tuple(mask.shape)}; the layer's weight "
-                f"has shape {tuple(self.weight.shape)}"
+                f"has shape {tuple(self.frozen.shape)}"
             )
-        packed = pack_mask(mask.to(self.weight.device), kind)
+        packed = pack_mask(mask.to(self.frozen.device), kind)
         if task in self.scores:
             del self.scores[task]
         self.packed[task] = packed
@@ -118,12 +160,12 @@ class MaskedLayer(TaskModule):
             )
         if task not in self.kinds:
             raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
-        flat = unpack_mask(self.packed[task], self.weight.numel(), self.kinds[task])
-        return flat.view(self.weight.shape)
+        flat = unpack_mask(self.packed[task], self.frozen.numel(), self.kinds[task])
+        return flat.view(self.frozen.shape)
 
     def masked_weight(self, task: str | None) -> torch.Tensor:
         """W * mask for `task` (W itself for None); cached while autograd is off."""
-        weight = self.weight
+        weight = self.frozen
         if task is None:
             return weight
         if torch.is_grad_enabled():
@@ -137,7 +179,7 @@ class MaskedLayer(TaskModule):
     def _apply_mask(self, task: str) -> torch.Tensor:
         """W * mask; a stored binary mask selects W through a bool tensor, which skips
         materialising a float mask (the cost of every task switch at inference)."""
-        weight = self.weight
+        weight = self.frozen
         if task in self.scores or self.kinds[task] != "binary":
             return weight * self.mask(task).to(weight.dtype)
         keep = unpack_mask(self.packed[task], weight.numel(), "binary", dtype=torch.bool)
@@ -146,25 +188,41 @@ class MaskedLayer(TaskModule):
     def clear_cache(self) -> None:
         self._cache = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with(x, self.masked_weight(self.active_task))
-
-    def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Run the base layer's own computation with another weight."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base layer's own computation with the active task's masked weight."""
+        weight = self.masked_weight(self.active_task)
         base = self.base_layer
-        if type(base) is nn.Linear:
-            return F.linear(x, weight, base.bias)
-        if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            return base._conv_forward(x, weight, base.bias)
-        # Subclasses (timm's Conv2dSame...) keep their own forward: swap the weight in.
-        return functional_call(base, {"weight": weight}, (x,))
+        if type(base) is nn.Linear and len(args) == 1 and not kwargs:
+            return F.linear(args[0], weight, base.bias)
+        if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and len(args) == 1 and not kwargs:
+            return base._conv_forward(args[0], weight, base.bias)
+        # Others (attention, timm's Conv2dSame...) keep their own forward: swap the weight in.
+        return functional_call(base, {self.parameter: weight}, args, kwargs)
 
-    def baked(self, task: str | None) -> nn.Module:
-        """A plain copy of the base layer holding W * mask."""
-        plain = copy.deepcopy(self.base_layer)
+    def baked(self, task: str | None, memo: dict[int, Any] | None = None) -> nn.Module:
+        """A plain copy of the base layer holding W * mask (`memo`: as copy.deepcopy's,
+        holding the baked copies of masked layers inside this one)."""
+        plain = copy.deepcopy(self.base_layer, memo)
         with torch.no_grad():
-            plain.weight = nn.Parameter(self.masked_weight(task).clone())
+            setattr(plain, self.parameter, nn.Parameter(self.masked_weight(task).clone()))
         return plain
+
+
+def masked_parameter(module: nn.Module) -> str:
+    """The name of the parameter a MaskedLayer masks in `module`, or a ConfigError."""
+    found = next((p for t, p in MASKED_PARAMETER.items() if isinstance(module, t)), None)
+    if found is None:
+        raise ConfigError(
+            f"cannot mask {type(module).__name__}; supported: "
+            f"{[t.__name__ for t in MASKABLE_TYPES]}"
+        )
+    if not isinstance(getattr(module, found, None), nn.Parameter):
+        raise ConfigError(
+            f"cannot mask this {type(module).__name__}: it has no {found} parameter (an "
+            "attention layer whose keys or values have their own size keeps three); "
+            "leave it out with MaskConfig(exclude_modules=[...])"
+        )
+    return found
 
 
 class TaskNorm(TaskModule):
@@ -200,13 +258,16 @@ class TaskNorm(TaskModule):
     def layer_for(self, task: str | None) -> nn.Module:
         return self.norms[task] if task is not None and task in self.norms else self.base_layer
 
+    def current_layer(self) -> nn.Module:
+        return self.layer_for(self.active_task)
+
     def train(self, mode: bool = True) -> TaskNorm:
         super().train(mode)
         self.base_layer.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_for(self.active_task)(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer_for(self.active_task)(*args, **kwargs)
 
 
 class TaskHead(TaskModule):
@@ -231,8 +292,11 @@ class TaskHead(TaskModule):
     def layer_for(self, task: str | None) -> nn.Module:
         return self.base_layer if task is None else self.heads[task]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_for(self.active_task)(x)
+    def current_layer(self) -> nn.Module:
+        return self.layer_for(self.active_task)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer_for(self.active_task)(*args, **kwargs)
 
 
 def new_head(base: nn.Module, num_classes: int) -> nn.Module:

@@ -26,6 +26,8 @@ from .layers import (
 )
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
+# Names that nn.ModuleDict / nn.ParameterDict (which key per-task state by task name) own.
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
 ParameterPart = Literal["all", "scores", "head", "norm"]
 
 
@@ -107,12 +109,14 @@ class PiggybackModel(nn.Module):
         backbone.requires_grad_(False)
         self.head_name = _find_head(backbone, self.config.head)
         targets = _select_targets(backbone, self.config, self.head_name)
-        self.masked_layers: dict[str, MaskedLayer] = {}
+        self.masked_layers: dict[str, MaskedLayer]
         self.norms: dict[str, TaskNorm] = {}
-        for name in targets:
-            self.masked_layers[name] = _replace(
-                backbone, name, MaskedLayer(_get(backbone, name), self.config)
-            )
+        _refuse_untracked_statistics(backbone)
+        wrapped = {  # innermost first: an attention layer's out_proj before the layer
+            name: _replace(backbone, name, MaskedLayer(_get(backbone, name), self.config))
+            for name in reversed(targets)
+        }
+        self.masked_layers = {name: wrapped[name] for name in targets}
         for name, module in list(backbone.named_modules()):
             if isinstance(module, NORM_TYPES) and not name.startswith(self.head_name + "."):
                 self.norms[name] = _replace(backbone, name, TaskNorm(module))
@@ -178,6 +182,11 @@ class PiggybackModel(nn.Module):
             raise ConfigError(
                 f"task name {name!r} is not allowed; use 1-128 letters, digits, '_' or '-'"
             )
+        if name in _RESERVED_NAMES:
+            raise ConfigError(
+                f"task name {name!r} is reserved: torch's containers, which hold a task's "
+                f"scores and layers, have an attribute of that name; use e.g. {name + '_task'!r}"
+            )
         if name in self.task_info:
             raise ConfigError(f"task {name!r} already exists; remove_task({name!r}) first")
 
@@ -191,7 +200,7 @@ class PiggybackModel(nn.Module):
                 f"unknown e.g. {extra}"
             )
         for layer_name, mask in masks.items():
-            shape = tuple(self.masked_layers[layer_name].weight.shape)
+            shape = tuple(self.masked_layers[layer_name].frozen.shape)
             if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
                 got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise ConfigError(
@@ -271,13 +280,47 @@ class PiggybackModel(nn.Module):
             entropy_bits=empirical_entropy_bits(every),
         )
 
+    def verify_masks(self, *args: Any, **kwargs: Any) -> None:
+        """Check, with one forward and backward pass of an example input, that every
+        masked layer's mask reaches the output; raise ConfigError naming the layers
+        whose scores get no gradient (their masks would be ignored: a parent that
+        reads the weight some way piggyback does not see). Leaves the model as it was.
+
+        Example:
+            >>> model = PiggybackModel(torchvision.models.resnet18())  # doctest: +SKIP
+            >>> model.verify_masks(torch.randn(1, 3, 64, 64))  # doctest: +SKIP
+        """
+        probe, active, training = "_piggyback_probe", self.active_task, self.training
+        self.add_task(probe, 2, train_bn=False)
+        try:
+            self.set_task(probe).eval()
+            with torch.enable_grad():
+                output = self.backbone(*args, **kwargs)
+                _logits(output).float().sum().backward()
+            silent = [
+                name
+                for name, layer in self.masked_layers.items()
+                if layer.scores[probe].grad is None
+            ]
+        finally:
+            self.remove_task(probe)
+            self.set_task(active).train(training)
+        if silent:
+            raise ConfigError(
+                f"the masks of {len(silent)} layers never reach the output (e.g. "
+                f"{silent[:3]}): the model reads their weights in a way piggyback does not "
+                "see. Leave them out with MaskConfig(exclude_modules=[...]), or report the "
+                "model so its way of reading weights can be supported"
+            )
+
     # --------------------------------------------------------------- forward
     def forward(self, *args: Any, task_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Run the active task, or with `task_names` (one per sample) a mixed batch.
 
         A mixed batch runs each task's samples through the network as a group,
-        so it equals a per-task loop. Its output is a tensor; when the tasks have
-        different class counts, the logits are padded on the right with -inf.
+        so it equals a per-task loop. Its output is a tensor (the `logits` of
+        backbones that return an output object); when the tasks have different
+        class counts, the logits are padded on the right with -inf.
         """
         if task_names is None:
             return self.backbone(*args, **kwargs)
@@ -320,8 +363,8 @@ class PiggybackModel(nn.Module):
             self._check_task(task)
         memo: dict[int, Any] = {}
         with torch.no_grad():
-            for layer in self.masked_layers.values():
-                memo[id(layer)] = layer.baked(task)
+            for layer in reversed(self.masked_layers.values()):  # inner layers first
+                memo[id(layer)] = layer.baked(task, memo)
         for module in (self.head, *self.norms.values()):
             memo[id(module)] = copy.deepcopy(module.layer_for(task))
         baked = copy.deepcopy(self.backbone, memo)
@@ -355,7 +398,8 @@ class PiggybackModel(nn.Module):
 
     # -------------------------------------------------------------- helpers
     def _task_modules(self) -> Iterator[TaskModule]:
-        yield from self.masked_layers.values()
+        """Every wrapper, inner ones before those that hold them (as `base` needs)."""
+        yield from reversed(self.masked_layers.values())
         yield from self.norms.values()
         yield self.head
 
@@ -384,6 +428,19 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> Any:
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
     return new
+
+
+def _refuse_untracked_statistics(backbone: nn.Module) -> None:
+    """A layer with running statistics that piggyback does not wrap would update the
+    frozen backbone's statistics in train mode: refuse it, naming it."""
+    for name, module in backbone.named_modules():
+        has_stats = any(b.endswith("running_mean") for b, _ in module.named_buffers(recurse=False))
+        if has_stats and not isinstance(module, NORM_TYPES):
+            raise ConfigError(
+                f"layer {name!r} ({type(module).__name__}) keeps running statistics but is not "
+                f"a norm type piggyback can freeze ({[t.__name__ for t in NORM_TYPES]}); "
+                "training would change the backbone. Replace it, or subclass a supported norm"
+            )
 
 
 def _find_head(backbone: nn.Module, head: str | None) -> str:
@@ -450,11 +507,21 @@ def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
     return value
 
 
-def _assemble(groups: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> torch.Tensor:
-    """Put each group's outputs back at its rows, padding logits with -inf if widths differ."""
-    outputs = [out for _, out in groups]
-    if not all(isinstance(o, torch.Tensor) for o in outputs):
-        raise ConfigError("a mixed-task batch needs a backbone that returns a tensor")
+def _logits(output: Any) -> torch.Tensor:
+    """A backbone's output as a tensor: itself, or the `logits` of an output object
+    (Hugging Face models return one)."""
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(
+            f"the backbone returned a {type(output).__name__}; piggyback needs a tensor of "
+            "logits or an object with a `logits` tensor"
+        )
+    return logits
+
+
+def _assemble(groups: list[tuple[torch.Tensor, Any]], batch: int) -> torch.Tensor:
+    """Put each group's logits back at its rows, padding with -inf if widths differ."""
+    outputs = [_logits(out) for _, out in groups]
     if len({o.shape[1:] for o in outputs}) > 1:
         if any(o.dim() != 2 for o in outputs):
             raise ConfigError("tasks in a mixed batch give outputs of different shapes")

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
 from .config import MaskConfig
 from .data import image_transform
-from .errors import DataError
+from .images import open_image
 from .model import PiggybackModel
 from .store import read_task_file
 
@@ -68,14 +68,9 @@ def open_task(
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """An RGB image from disk, or a DataError that names the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError as exc:
-        raise DataError(f"image {str(path)!r} does not exist") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read {str(path)!r} as an image: {exc}") from exc
+    """An RGB image from disk, within `piggyback.images`' size budget, or a DataError
+    that names the file."""
+    return open_image(path, f"image {path}").convert("RGB")
 
 
 @torch.no_grad()

@@ -181,7 +181,7 @@ def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
             "bits_per_weight": 8 * len(payload) / max(flat.numel(), 1),
             "entropy_bits_per_weight": empirical_entropy_bits(flat) / max(flat.numel(), 1),
             "kept": float((flat != 0).float().mean()),
-            "layers": [[name, list(model.masked_layers[name].weight.shape)] for name in masks],
+            "layers": [[name, list(model.masked_layers[name].frozen.shape)] for name in masks],
         },
     }
     return write_task_file(path, meta, tensors)
@@ -406,7 +406,7 @@ def _check_state(
 
 
 def _check_layers(path: str | Path, layers: list[tuple[str, tuple]], model: PiggybackModel) -> None:
-    ours = [(n, tuple(m.weight.shape)) for n, m in model.masked_layers.items()]
+    ours = [(n, tuple(m.frozen.shape)) for n, m in model.masked_layers.items()]
     if layers == ours:
         return
     theirs = dict(layers)

@@ -21,12 +21,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import distributed, recipes
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from .data import TaskData, make_loader
-from .errors import ConfigError, DegenerateTaskWarning
+from .errors import ConfigError, DataError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import AMP_DTYPES, Amp, autocast
@@ -41,7 +42,8 @@ METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
 class TrainConfig:
     """One training run. Defaults are the "default" recipe (`piggyback.recipes`): Adam,
     scores lr 3e-4, head 1e-3, batch 32, 30 epochs, lr x0.1 every 15 epochs, no weight
-    decay; `for_recipe("paper")` gives the paper's learning rates.
+    decay; `for_recipe("paper")` gives the paper's learning rates. `weight_decay` applies
+    to the head and norm layers (and every weight when fine-tuning), never to scores.
 
     A task with its own BatchNorm layers gets their statistics re-estimated after every
     epoch from `recalibrate_images` training images under the current mask (0: never).
@@ -168,16 +170,17 @@ def train_one_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
-        images, labels = images.to(device), labels.to(device)
+        targets = labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            logits = model(images.to(device))
+            _check_batch_labels(labels, logits.shape[1])
+            loss = F.cross_entropy(logits, targets)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        correct += int((logits.argmax(1) == targets).sum())
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     totals = distributed.all_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
@@ -206,6 +209,7 @@ def evaluate(
     hits = torch.zeros(num_classes, dtype=torch.long)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        _check_batch_labels(labels, num_classes)
         images, labels = images.to(device), labels.to(device)
         with autocast(device, amp):
             logits = model(images)
@@ -230,6 +234,18 @@ def evaluate(
     }
 
 
+def _check_batch_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Refuse a batch whose labels the head has no output for: cross_entropy would fail
+    deep inside, on CUDA as a device-side assert that ends the process. `labels` are the
+    loader's, still on the CPU, so checking them costs no device sync."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(
+            f"a batch has labels {int(labels.min())}..{int(labels.max())}, but the head has "
+            f"{num_classes} classes (0..{num_classes - 1}); train or evaluate it on data "
+            "with those classes"
+        )
+
+
 def prepare_task(
     model: PiggybackModel,
     task: str,
@@ -246,7 +262,7 @@ def prepare_task(
     """
     baseline = config.method != "piggyback"
     masks = (
-        {name: torch.ones_like(layer.weight, dtype=torch.int8)
+        {name: torch.ones_like(layer.frozen, dtype=torch.int8)
          for name, layer in model.masked_layers.items()}
         if baseline else None
     )  # fmt: skip
@@ -268,7 +284,10 @@ def prepare_task(
     rest = model.trainable_parameters(task, "head") + model.trainable_parameters(task, "norm")
     groups = [{"params": rest, "lr": config.head_lr}]
     if not baseline:
-        groups.insert(0, {"params": model.trainable_parameters(task, "scores"), "lr": config.lr})
+        # Scores never decay: decay would pull every score toward 0, past the threshold,
+        # and prune weights that get no gradient (the reference never decays them).
+        scores = model.trainable_parameters(task, "scores")
+        groups.insert(0, {"params": scores, "lr": config.lr, "weight_decay": 0.0})
     # Only what the optimizer trains requires grad (not the heads of earlier tasks):
     # DistributedDataParallel all-reduces exactly those.
     model.requires_grad_(False)
@@ -276,6 +295,14 @@ def prepare_task(
         for param in group["params"]:
             param.requires_grad_(True)
     return model, groups
+
+
+def _verify_masks(model: PiggybackModel, images: Dataset, device: torch.device) -> None:
+    """Before any training: every mask must reach the output (`PiggybackModel.verify_masks`),
+    or the run would train scores that nothing reads."""
+    if len(images):
+        sample = torch.stack([images[i][0] for i in range(min(2, len(images)))]).to(device)
+        model.verify_masks(sample)
 
 
 def _norm_pass(config: TrainConfig, seed: int) -> ImagePass:
@@ -302,10 +329,18 @@ def fit(
 ) -> FitResult:
     """Train `task` on `data`, select the epoch best on validation, test it, save it.
 
-    Writes to `out_dir`: `metrics.jsonl` (one line per epoch), `checkpoint/` (the
-    state after the last finished epoch, for `resume=True`), the task file
+    Writes to `out_dir`: `checkpoint/` (the state after the last finished epoch, for
+    `resume=True`), `metrics.jsonl` (one line per epoch, rewritten from the checkpoint's
+    history, so it never records an epoch whose state is lost), the task file
     `TASK.safetensors` (piggyback/classifier) or `TASK.finetuned.safetensors`
     (finetune, a full model), and `result.json`.
+
+    `resume=True` goes on from the checkpoint, wherever an earlier run was killed. Killed
+    before its first checkpoint was complete, there is none: the run starts over from
+    epoch 1 with a warning. A damaged checkpoint or one of another run raises
+    `TaskFileError` instead (delete `out_dir/checkpoint` to start over): writes are
+    atomic, so a kill cannot leave one, and it is not thrown away unseen. Without
+    `resume`, a checkpoint left in `out_dir` is removed when the run starts.
 
     Under torchrun every process calls `fit` inside `distributed.process_group` (the CLI
     does): the network trains under DistributedDataParallel, each process on its share of
@@ -339,18 +374,25 @@ def fit(
     best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "state": None}
     start_epoch, started = 0, time.perf_counter()
     checkpoint_dir = out / "checkpoint"
-    if resume and checkpoint_dir.exists():
+    if resume and _can_resume(checkpoint_dir):
         start_epoch, history, best = load_checkpoint(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
-    elif config.method == "piggyback":
-        start_norms_as_backbone(model, task, data.train, device, _norm_pass(config, config.seed))
+    else:
+        if main:  # a run killed before its first checkpoint must not resume an older run's
+            remove_checkpoint(checkpoint_dir)
+        if config.method == "piggyback":
+            _verify_masks(model, data.train, device)
+            run = _norm_pass(config, config.seed)
+            start_norms_as_backbone(model, task, data.train, device, run)
     if not distributed.all_equal(start_epoch):
         raise ConfigError(
             f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
             "the output folder must be on a filesystem that every node shares"
         )
     metrics_path = out / "metrics.jsonl"
+    if main:
+        _write_metrics(metrics_path, history)  # drops epochs a killed run did not checkpoint
     progress = config.progress and main
     params = [p for group in groups for p in group["params"]]
     trained_keys = set(trainable)
@@ -406,8 +448,7 @@ def fit(
                     "top1": val["top1"],
                     "state": _copy_state(network, trainable),
                 }
-            if main:
-                write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+            if main:  # the checkpoint first: metrics.jsonl never gets ahead of it
                 save_checkpoint(
                     checkpoint_dir,
                     network,
@@ -419,6 +460,7 @@ def fit(
                     best,
                     scaler,
                 )
+                _write_metrics(metrics_path, history)
             if progress:
                 tqdm.write(
                     f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
@@ -451,6 +493,23 @@ def fit(
         write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
     distributed.barrier()  # the files are whole before any process goes on
     return result
+
+
+def _can_resume(checkpoint_dir: Path) -> bool:
+    """Whether there is a checkpoint to resume from; if not, say that the run starts over."""
+    if has_checkpoint(checkpoint_dir):
+        return True
+    if distributed.is_main():
+        warnings.warn(
+            f"no complete checkpoint in {checkpoint_dir}; starting over from epoch 1",
+            stacklevel=3,  # the caller of fit
+        )
+    return False
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: one JSON line per finished epoch."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
 def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | None) -> list[str]:

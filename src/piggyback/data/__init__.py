@@ -7,6 +7,8 @@ nothing is cached at the target size and memory does not grow with it.
 
 `builtin` holds the offline benchmarks, `sources` opens folders, CSV lists, torchvision
 and Hugging Face sets, and `tasks` splits them into datasets and makes their loaders.
+Integer labels (a CSV's, or those of a dataset without class names) are class indices
+below `MAX_CLASSES`, so a stray label cannot ask for a head of millions of classes.
 
 Example:
     >>> from piggyback.backbones import InputSpec
@@ -23,7 +25,7 @@ from .builtin import (
     FASHION_MNIST_DIR,
 )
 from .builtin import _read_pickled_array as _read_pickled_array
-from .sources import IMAGE_EXTENSIONS
+from .sources import IMAGE_EXTENSIONS, MAX_CLASSES
 from .tasks import TaskData, TaskDataset, image_transform, load_task_data, make_loader
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
+    "MAX_CLASSES",
     "TaskData",
     "TaskDataset",
     "image_transform",

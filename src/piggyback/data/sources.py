@@ -1,8 +1,9 @@
 """Where images come from: the source classes that read one raw image by index, and the
 openers for image folders, CSV lists, torchvision datasets and Hugging Face datasets.
 
-Image files (folder and CSV sources) are checked when the task is loaded; bad ones are
-left out with one warning, or raise `DataError` with ``strict=True``.
+Image files (folder and CSV sources) are checked when the task is loaded; bad ones, and
+ones past the size budget of `piggyback.images`, are left out with one warning, or raise
+`DataError` with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import csv
 import difflib
 import inspect
+import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -24,10 +26,12 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DataError
+from ..images import open_image, verify_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp")  # fmt: skip
 _CSV_HEADER_LABELS = {"label", "labels", "class", "target", "category"}
+MAX_CLASSES = 100_000  # integer labels are class indices below this
 
 
 class _Source(Protocol):
@@ -63,8 +67,7 @@ class _FileSource:
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def read(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            return _to_uint8(image)
+        return _to_uint8(open_image(self.paths[index], f"image {self.paths[index]}"))
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
@@ -103,26 +106,24 @@ class _Opened:
 
 
 def _checked_files(paths: list[Path], labels: list[int], strict: bool) -> _FileSource:
-    """Leave out files PIL cannot open, with one warning (or a DataError when strict)."""
+    """Leave out files PIL cannot open or that exceed `piggyback.images`' size budget,
+    with one warning (or a DataError when strict)."""
     good_paths, good_labels, bad = [], [], []
     for path, label in zip(paths, labels, strict=True):
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:
+            verify_image(path, f"image {path}")
+        except DataError as exc:
             if strict:
                 raise DataError(
-                    f"cannot read image {path} ({exc}); fix or remove it, or pass strict=False "
-                    "to skip unreadable images"
+                    f"{exc}; fix or remove it, or pass strict=False to skip unreadable images"
                 ) from exc
-            bad.append((path, exc))
+            bad.append(exc)
             continue
         good_paths.append(path)
         good_labels.append(label)
     if bad:
         warnings.warn(
-            f"skipped {len(bad)} unreadable image(s) of {len(paths)}; first: {bad[0][0]} "
-            f"({bad[0][1]})",
+            f"skipped {len(bad)} unreadable image(s) of {len(paths)}; first: {bad[0]}",
             stacklevel=5,  # the caller of load_task_data
         )
     return _FileSource(good_paths, good_labels)
@@ -130,7 +131,7 @@ def _checked_files(paths: list[Path], labels: list[int], strict: bool) -> _FileS
 
 def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     """Image files under ``root/CLASS/`` (sorted, so the order is the same everywhere)."""
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _class_folders(root)
     names = [p.name for p in class_dirs]
     if classes is None:
         classes = names
@@ -141,9 +142,7 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int],
         )
     paths, labels = [], []
     for class_dir in class_dirs:
-        files = sorted(
-            f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = _image_files(class_dir)
         paths += files
         labels += [classes.index(class_dir.name)] * len(files)
     if not paths:
@@ -152,6 +151,30 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int],
             f"of the extensions {IMAGE_EXTENSIONS}"
         )
     return paths, labels, classes
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The folders in `root`, sorted, but hidden ones."""
+    _, names, _ = next(os.walk(root, onerror=_unlistable))
+    return sorted(root / name for name in names if not name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files at any depth under `folder`, sorted. A subfolder that cannot be listed
+    is an error: `Path.rglob` would skip it silently, as if the class had no images."""
+    found = [
+        Path(parent) / name
+        for parent, _, names in os.walk(folder, onerror=_unlistable)
+        for name in names
+    ]
+    return sorted(f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
+def _unlistable(exc: OSError) -> NoReturn:
+    raise DataError(
+        f"cannot list the folder {exc.filename} ({exc.strerror}); give this user read "
+        f"access to it (chmod -R u+rX {exc.filename}) or move it out of the dataset"
+    ) from exc
 
 
 def _folder(root: Path, strict: bool) -> _Opened:
@@ -169,11 +192,9 @@ def _folder(root: Path, strict: bool) -> _Opened:
 
 
 def _csv(path: Path, strict: bool) -> _Opened:
-    """Rows ``path,label``; relative paths are relative to the CSV's folder."""
-    with path.open(newline="") as file:
-        rows = [
-            (n, row) for n, row in enumerate(csv.reader(file), 1) if any(c.strip() for c in row)
-        ]
+    """Rows ``path,label``; relative paths are relative to the CSV's folder. Labels are
+    class names, or class indices when every one is an integer (see `_index_classes`)."""
+    rows = _csv_rows(path)
     if rows and len(rows[0][1]) > 1 and rows[0][1][1].strip().lower() in _CSV_HEADER_LABELS:
         rows = rows[1:]
     for line, row in rows:
@@ -181,13 +202,41 @@ def _csv(path: Path, strict: bool) -> _Opened:
             raise DataError(f"{path}:{line}: expected 2 columns 'path,label', got {row}")
     files = [path.parent / row[0].strip() for _, row in rows]
     raw = [row[1].strip() for _, row in rows]
-    if all(re.fullmatch(r"\d+", label) for label in raw):
+    if all(re.fullmatch(r"[-+]?\d+", label) for label in raw):
         labels = [int(label) for label in raw]
-        classes = [str(i) for i in range(max(labels, default=-1) + 1)]
+        classes = _index_classes(labels, lambda n: f"{path}:{rows[n][0]}")
     else:
         classes = sorted(set(raw))
         labels = [classes.index(label) for label in raw]
     return _Opened(classes, _checked_files(files, labels, strict))
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a UTF-8 CSV file (a BOM, as Excel writes, is skipped), with
+    their line numbers."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            return [
+                (n, row) for n, row in enumerate(csv.reader(file), 1) if any(c.strip() for c in row)
+            ]
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from exc
+
+
+def _index_classes(labels: Sequence[int], where: Callable[[int], str]) -> list[str]:
+    """Class names "0".."max" for labels that are class indices, each in
+    ``[0, MAX_CLASSES)``: a label of 999999 would otherwise ask for a head of a million
+    classes (4 GB of weights), and 10**30 for more memory than exists. `where(i)` names
+    the i-th label's place in errors."""
+    for position, label in enumerate(labels):
+        if not 0 <= label < MAX_CLASSES:
+            raise DataError(
+                f"{where(position)}: label {label} is not a class index; integer labels must "
+                f"be in 0..{MAX_CLASSES - 1} (piggyback.data.MAX_CLASSES), or use class names"
+            )
+    return [str(i) for i in range(max(labels, default=-1) + 1)]
 
 
 def _torchvision(source: str) -> _Opened:
@@ -227,7 +276,8 @@ def _torchvision(source: str) -> _Opened:
         test = None
     labels = _targets(train)
     opened = _Opened(
-        _class_names(getattr(train, "classes", None), labels), _ItemSource(train, labels, 0)
+        _class_names(getattr(train, "classes", None), labels, source),
+        _ItemSource(train, labels, 0),
     )
     if test is not None:
         opened.test = _ItemSource(test, _targets(test), 0)
@@ -243,10 +293,11 @@ def _targets(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def _class_names(names: Any, labels: np.ndarray) -> list[str]:
+def _class_names(names: Any, labels: np.ndarray, source: str) -> list[str]:
+    """The dataset's own class names when they cover its labels, else the indices."""
     if isinstance(names, Sequence) and len(names) > int(labels.max(initial=-1)):
         return [str(n) for n in names]
-    return [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    return _index_classes(labels.tolist(), lambda n: f"{source} item {n}")
 
 
 def _huggingface(path: str) -> _Opened:
@@ -280,4 +331,4 @@ def _huggingface(path: str) -> _Opened:
         for s in splits
     ]
     names = getattr(splits[0].features[label_col], "names", None)
-    return _Opened(_class_names(names, sources[0].labels), *sources)
+    return _Opened(_class_names(names, sources[0].labels, f"hf:{path}"), *sources)

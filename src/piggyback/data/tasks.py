@@ -84,16 +84,16 @@ class TaskDataset(Dataset):
             image = self.source.read(index)
         except Exception as exc:
             where = self.source.describe(index)
+            # File sources say what is wrong themselves (`piggyback.images`).
+            reason = exc if isinstance(exc, DataError) else f"cannot read image {where} ({exc})"
             if self.strict:
                 raise DataError(
-                    f"cannot read image {where} ({exc}); fix or remove it, or pass "
-                    "strict=False to skip unreadable images"
+                    f"{reason}; fix or remove it, or pass strict=False to skip unreadable images"
                 ) from exc
             self.skipped += 1
             if self.skipped == 1:
                 warnings.warn(
-                    f"skipping unreadable image {where} ({exc}); dataset.skipped counts "
-                    "the later ones",
+                    f"skipping unreadable image: {reason}; dataset.skipped counts the later ones",
                     stacklevel=2,
                 )
             return None
@@ -149,6 +149,10 @@ def load_task_data(
     ``val/``, ``test/`` of those), a ``.csv`` of ``path,label`` rows,
     ``torchvision:NAME:ROOT`` (a torchvision dataset already on disk at ROOT) or
     ``hf:PATH`` (a Hugging Face dataset saved with ``save_to_disk``).
+
+    A CSV's labels are class names, or class indices when all are integers: then each
+    must be in ``0..MAX_CLASSES - 1`` and the task has max + 1 classes, with a warning
+    when some of them have no training images.
     """
     _check_settings(seed, val_fraction, test_fraction, limit)
     opened = _open(source, strict)
@@ -197,7 +201,8 @@ def _check_settings(
 
 
 def _check_labels(opened: _Opened, source: str) -> None:
-    """At least 2 classes with images, and every label a valid class index."""
+    """At least 2 classes with images, every label a valid class index, and a warning
+    for classes without training images (their outputs would never be trained)."""
     labels = opened.train.labels
     if len(labels) == 0:
         raise DataError(f"data source {source!r} holds no images")
@@ -215,6 +220,15 @@ def _check_labels(opened: _Opened, source: str) -> None:
                 f"labels of {source!r} span {split.labels.min()}..{split.labels.max()}; "
                 f"expected 0..{len(opened.class_names) - 1} for its classes"
             )
+    counts = np.bincount(labels, minlength=len(opened.class_names))
+    missing = [name for name, count in zip(opened.class_names, counts, strict=True) if not count]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} of the {len(counts)} classes of {source!r} have no training "
+            f"images (first: {missing[:5]}); the head still gets an output for each "
+            "(integer labels are class indices counted from 0)",
+            stacklevel=3,  # the caller of load_task_data
+        )
 
 
 def _whole(source: _Source) -> tuple[_Source, np.ndarray]:
