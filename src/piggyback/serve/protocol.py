@@ -5,7 +5,9 @@ request head slowly, or sends a few bytes of it and stops: each such client hold
 descriptor for as long as it likes, and a few hundred of them lock everyone else out
 (slowloris). This protocol closes a connection whose request head has not fully arrived
 within `header_timeout_s` of the connection opening or of the previous response. The
-body has its own deadline, in `inputs.read_body`.
+body has its own deadline, in `inputs.read_body`. The server therefore always runs the
+h11 protocol (never httptools); this class relies on its `cycle` (one per request head)
+and `on_response_complete`, as in uvicorn 0.29 to 0.54.
 """
 
 from __future__ import annotations
