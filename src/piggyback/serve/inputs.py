@@ -25,13 +25,14 @@ from starlette.requests import Request
 
 from ..backbones import InputSpec
 from ..data import image_transform
+from ..errors import DataError
+from ..images import ImageBudgetError, checked_image
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
 DEFAULT_TOPK = 5  # as `piggyback.pipeline.predict`
-MAX_PIXELS = 25_000_000  # a 5000 x 5000 photo
-MAX_ASPECT = 64
+MAX_PIXELS = 25_000_000  # of one image: a 5000 x 5000 photo (the library's limit is 50M)
 
 
 class ApiError(Exception):
@@ -140,27 +141,16 @@ def image_size(data: bytes, what: str) -> tuple[int, int]:
 
 @contextmanager
 def _opened(data: bytes, what: str) -> Iterator[Image.Image]:
-    """An image opened lazily and checked from its header; any decoding error is a 400.
-
-    A few kilobytes of PNG can decode to gigabytes, and a 1 x 100,000 strip resizes to
-    a huge one: both are refused from the header, before decoding.
-    """
+    """An image opened lazily and checked from its header (`piggyback.images`, with the
+    server's own pixel limit): too many pixels is a 413, too elongated a 422, anything
+    else a 400."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_geometry(image, what)
+        with checked_image(io.BytesIO(data), what, max_pixels=MAX_PIXELS) as image:
             yield image
-    except ApiError:
-        raise
-    except Exception as exc:  # PIL's decoders raise many kinds on malformed data
-        raise ApiError(400, f"cannot decode {what} as an image ({type(exc).__name__})") from exc
-
-
-def _check_geometry(image: Image.Image, what: str) -> None:
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ApiError(413, f"{what} has {width}x{height} pixels; at most {MAX_PIXELS:,}")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ApiError(422, f"{what} is {width}x{height}; at most {MAX_ASPECT}:1 is accepted")
+    except ImageBudgetError as exc:
+        raise ApiError(413 if exc.too_many_pixels else 422, str(exc)) from exc
+    except DataError as exc:
+        raise ApiError(400, str(exc)) from exc
 
 
 def to_batch(images: Sequence[bytes], spec: InputSpec, max_pixels: int) -> torch.Tensor:
