@@ -17,6 +17,7 @@ import asyncio
 import io
 import os
 import random
+import secrets
 import socket
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import create_backbone
 
 MIXES = (1, 20)
+ADMIN_TOKEN = secrets.token_hex(16)  # uploads need one: writes are off without it
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,14 +70,15 @@ def write_backbone(backbone: str, directory: Path) -> tuple[torch.nn.Module, Pat
 
 
 def write_tasks(
-    net: torch.nn.Module, backbone: str, size: int, count: int, out: Path
+    net: torch.nn.Module, metadata: dict[str, Any], count: int, out: Path
 ) -> list[Path]:
-    """`count` tasks with random masks (~5% of the weights dropped) and random heads."""
+    """`count` tasks with random masks (~5% of the weights dropped) and random heads, each
+    recording `metadata` (backbone name, input size, ...)."""
     model = PiggybackModel(net, MaskConfig())
     paths = []
     for index in range(count):
         name = f"task{index:02d}"
-        model.add_task(name, 10, metadata={"backbone": backbone, "size": size})
+        model.add_task(name, 10, metadata=metadata)
         with torch.no_grad():
             for layer in model.masked_layers.values():
                 layer.scores[name].uniform_(0.004, 0.024)  # threshold 0.005: ~5% dropped
@@ -91,29 +94,35 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(args: argparse.Namespace, directory: Path, weights: Path) -> Iterator[str]:
-    """Start `piggyback serve` on an empty task folder (tasks are uploaded); yields its URL."""
+def server(
+    args: argparse.Namespace, directory: Path, weights: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start `piggyback serve` on an empty task folder (tasks are uploaded); yields its URL
+    and process."""
     port = free_port()
     (directory / "served").mkdir()
     command = [
         sys.executable, "-m", "piggyback", "serve", "--tasks", str(directory / "served"),
         "--backbone", args.backbone, "--weights", str(weights), "--port", str(port),
         "--cache-size", str(args.cache_size), "--batch-window-ms", str(args.batch_window_ms),
-        "--max-batch", str(args.max_batch),
+        "--max-batch", str(args.max_batch), "--admin-token", ADMIN_TOKEN,
     ]  # fmt: skip
     with (directory / "server.log").open("w") as log:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", process
         finally:
             process.terminate()
             process.wait(timeout=30)
 
 
-def wait_until_up(url: str, log: Path, timeout: float = 120) -> None:
+def wait_until_up(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> None:
+    """Wait for `/health` to answer; exit with the server's log if it does not start."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return
@@ -197,12 +206,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         net, weights = write_backbone(args.backbone, directory)
-        with server(args, directory, weights) as url:
+        with server(args, directory, weights) as (url, process):
             # Written while the server starts, then uploaded as a user would.
-            files = write_tasks(net, args.backbone, args.size, max(MIXES), directory / "tasks")
-            wait_until_up(url, directory / "server.log")
+            recorded = {"backbone": args.backbone, "size": args.size}
+            files = write_tasks(net, recorded, max(MIXES), directory / "tasks")
+            wait_until_up(url, process, directory / "server.log")
             for path in files:
-                headers = {"content-type": "application/octet-stream"}
+                headers = {
+                    "content-type": "application/octet-stream",
+                    "authorization": f"Bearer {ADMIN_TOKEN}",
+                }
                 httpx.post(
                     f"{url}/tasks", content=path.read_bytes(), headers=headers
                 ).raise_for_status()

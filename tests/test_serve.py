@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import http.client
 import io
 import json
+import os
 import random
+import resource
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +33,13 @@ import pytest
 import torch
 from conftest import make_tiny
 from PIL import Image
+from safetensors.torch import save as safetensors_save
+from safetensors.torch import save_file
 from test_model import train_steps
 
 import piggyback
-from piggyback import MaskConfig, PiggybackModel, read_task_file
-from piggyback.backbones import InputSpec
+from piggyback import MaskConfig, PiggybackModel, read_task_file, store
+from piggyback.backbones import InputSpec, create_backbone
 from piggyback.cli import main
 from piggyback.pipeline import predict
 from piggyback.serve import (
@@ -38,16 +47,17 @@ from piggyback.serve import (
     Batcher,
     Job,
     ServeConfig,
-    TaskExistsError,
     TaskRegistry,
+    build_model,
     create_app,
     running,
 )
-from piggyback.store import write_task_file
+from piggyback.store import FORMAT, write_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(16, (0.5, 0.4, 0.3), (0.25, 0.3, 0.2), "bilinear")
 TASKS = {"a": 3, "b": 5, "c": 4}  # c trains its own norms and records a 12 px input size
+JSON = "application/json"
 
 
 def make_tasks(seed: int = 0) -> PiggybackModel:
@@ -121,7 +131,7 @@ def server(directory: Path, **settings: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def url(task_dir: Path) -> Iterator[str]:
-    with server(task_dir, cache_size=1) as base:
+    with server(task_dir, cache_size=1, max_request_pixels=3000) as base:
         yield base
 
 
@@ -206,7 +216,9 @@ BAD_PREDICTS: list[tuple[str, dict[str, Any], int]] = [
     ("truncated png", multipart("a", [IMAGES[0][:40]]), 400),
     ("text body", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415),
     ("no content type", {"content": b"hello"}, 415),
-    ("broken json", {"content": b"{", "headers": {"content-type": "application/json"}}, 400),
+    ("broken json", {"content": b"{", "headers": {"content-type": JSON}}, 400),
+    ("nested json", {"content": b"[" * 100_000, "headers": {"content-type": JSON}}, 400),
+    ("a 5000-digit number", {"content": b"1" * 5000, "headers": {"content-type": JSON}}, 400),
     ("json list", {"json": ["a"]}, 422),
     ("no task", {"json": {"images": ["AAAA"]}}, 422),
     ("no images", {"json": {"task": "a", "images": []}}, 422),
@@ -218,6 +230,7 @@ BAD_PREDICTS: list[tuple[str, dict[str, Any], int]] = [
     ("topk text", multipart("a", IMAGES[:1], topk="many"), 422),
     ("images as text", {"data": {"task": "a", "images": "x"}, "files": {"f": b"1"}}, 422),
     ("too many images", multipart("a", IMAGES + IMAGES[:1]), 413),
+    ("too many pixels together", multipart("a", IMAGES), 413),  # 3,148 > 3,000
     ("body over the limit", multipart("a", [b"x" * 200_000]), 413),
     ("chunked body over the limit", {"content": Chunked()}, 413),
     (
@@ -267,7 +280,7 @@ def new_task_file(directory: Path, name: str = "d", seed: int = 0) -> bytes:
 def test_upload_predict_delete(own_dir: Path, tmp_path: Path) -> None:
     data = new_task_file(tmp_path)
     files = {"file": ("d.safetensors", data, "application/octet-stream")}
-    with server(own_dir) as base:
+    with server(own_dir, allow_unauthenticated_writes=True) as base:
         created = httpx.post(f"{base}/tasks", files=files)
         assert created.status_code == 201, created.text
         assert created.json()["name"] == "d" and created.json()["num_classes"] == 6
@@ -302,34 +315,130 @@ def _crafted(data: bytes, tmp_path: Path, **changes: Any) -> bytes:
     return path.read_bytes()
 
 
+def _with_header(tensors: dict[str, torch.Tensor], text: str) -> bytes:
+    """A task file whose JSON header is `text`, which the JSON parser refuses."""
+    return safetensors_save(tensors, metadata={"format": FORMAT, "piggyback": text})
+
+
+def bad_task_files(good: bytes, tmp_path: Path) -> list[tuple[str, bytes, str]]:
+    """(kind, file bytes, what its error says): one task file of each bad kind, all made
+    from `good` (a task on TinyNet), most with a valid checksum."""
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(good)
+    meta, tensors = read_task_file(path)
+    deep = json.dumps(meta)[:-1] + ', "deep": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    int_fingerprint = {**meta["backbone"], "fingerprint": 123}
+    return [
+        ("not safetensors", b"\x00" * 64, "not a readable safetensors"),
+        ("truncated", good[: len(good) // 2], "not a readable safetensors"),
+        ("bad JSON", _with_header(tensors, "{not json"), "metadata"),
+        ("nested JSON", _with_header(tensors, deep), "metadata"),
+        ("other backbone", new_task_file(tmp_path, seed=1), "backbone"),
+        ("path as name", _crafted(good, tmp_path, task="../evil"), "not allowed"),
+        ("name not a string", _crafted(good, tmp_path, task=["x"]), "task"),
+        ("class names not a list", _crafted(good, tmp_path, class_names=7), "class_names"),
+        ("negative input size", _crafted(good, tmp_path, metadata={"size": -3}), "size"),
+        ("huge input size", _crafted(good, tmp_path, metadata={"size": 1500}), "1500"),
+        ("integer fingerprint", _crafted(good, tmp_path, backbone=int_fingerprint), "fingerprint"),
+        ("huge mask", _crafted(good, tmp_path, mask={**meta["mask"], "numel": 10**12}), "mask"),
+        ("wrong num_classes", _crafted(good, tmp_path, num_classes=1000), "head"),
+    ]
+
+
 def test_bad_uploads_are_refused(own_dir: Path, tmp_path: Path) -> None:
+    """Each bad kind gets a 4xx naming the problem, on the same keep-alive connection."""
     good = new_task_file(tmp_path)
     before = sorted(p.name for p in own_dir.iterdir())
     cases = [
-        (b"\x00" * 64, 400, "not a readable safetensors"),
+        *((data, 400, needle) for _, data, needle in bad_task_files(good, tmp_path)),
         (good[: len(good) // 2], 400, "uploaded file"),
-        (new_task_file(tmp_path, seed=1), 400, "backbone"),
         (new_task_file(tmp_path, name="a"), 409, "already served"),
-        (_crafted(good, tmp_path, task="../evil"), 400, "not allowed"),
-        (_crafted(good, tmp_path, task=["x"]), 400, "'task' must be a string"),
-        (_crafted(good, tmp_path, class_names=7), 400, "'class_names' must be a list"),
-        (_crafted(good, tmp_path, metadata={"size": -3}), 400, "'metadata.size' must be an int"),
     ]
-    with server(own_dir) as base:
+    with server(own_dir, admin_token="t") as base:
+        connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=60)
+        auth = {"authorization": "Bearer t"}
+        headers = {"content-type": "application/octet-stream", **auth}
+        connection.connect()
+        sock = connection.sock
         for data, status, needle in cases:
-            files = {"file": ("t.safetensors", data)}
-            response = httpx.post(f"{base}/tasks", files=files)
-            assert response.status_code == status, response.text
-            assert needle in response.json()["error"], response.text
-        wrong_type = httpx.post(f"{base}/tasks", content=good, headers={"content-type": "x/y"})
+            connection.request("POST", "/tasks", body=data, headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode()
+            assert response.status == status, text
+            assert needle in json.loads(text)["error"], text
+            assert connection.sock is sock, "the server must keep the connection open"
+        wrong_type = httpx.post(
+            f"{base}/tasks", content=good, headers={**headers, "content-type": "x/y"}
+        )
         assert wrong_type.status_code == 415
-        no_file = httpx.post(f"{base}/tasks", data={"file": "text"}, files={"x": b"1"})
+        no_file = httpx.post(
+            f"{base}/tasks", data={"file": "text"}, files={"x": b"1"}, headers=auth
+        )
         assert no_file.status_code == 422
         listed = [t["name"] for t in httpx.get(f"{base}/tasks").json()["tasks"]]
         assert sorted(listed) == sorted(TASKS)
         assert httpx.post(f"{base}/predict", **multipart("c", IMAGES[:1])).status_code == 200
     assert sorted(p.name for p in own_dir.iterdir()) == before
     assert not (own_dir.parent / "evil.safetensors").exists()
+
+
+def test_start_up_skips_bad_files(own_dir: Path, tmp_path: Path) -> None:
+    """Bad files in the folder are skipped, with their reasons on /health and /tasks."""
+    bad = bad_task_files(new_task_file(tmp_path), tmp_path)
+    names = [f"0-{i:02d}.safetensors" for i in range(len(bad))]  # sorted before the good
+    for name, (_, data, _) in zip(names, bad, strict=True):
+        (own_dir / name).write_bytes(data)
+    with server(own_dir) as base:
+        health = httpx.get(f"{base}/health").json()
+        listing = httpx.get(f"{base}/tasks").json()
+        assert httpx.post(f"{base}/predict", **multipart("c", IMAGES[:1])).status_code == 200
+    assert health["tasks"] == len(TASKS) and listing["skipped"] == health["skipped"]
+    assert [s["file"] for s in health["skipped"]] == names
+    for (kind, _, needle), skipped in zip(bad, health["skipped"], strict=True):
+        assert needle in skipped["reason"], (kind, skipped)
+    assert str(own_dir) not in json.dumps(health), "reasons name files, not server paths"
+    assert sorted(t["name"] for t in listing["tasks"]) == sorted(TASKS)
+
+
+def test_input_size_is_bounded(own_dir: Path, tmp_path: Path) -> None:
+    """A task may not ask for inputs above max_input_size: every image is resized to it."""
+    large = _crafted(new_task_file(tmp_path), tmp_path, metadata={"size": 40})
+    (own_dir / "large.safetensors").write_bytes(large)
+    with server(own_dir, max_input_size=32, admin_token="t") as base:
+        health = httpx.get(f"{base}/health").json()
+        assert [s["file"] for s in health["skipped"]] == ["large.safetensors"]
+        assert "at most 32 px" in health["skipped"][0]["reason"]
+        headers = {"authorization": "Bearer t"}
+        refused = httpx.post(f"{base}/tasks", files={"file": ("d", large)}, headers=headers)
+        assert refused.status_code == 400 and "--max-input-size" in refused.json()["error"]
+    with server(own_dir, max_input_size=40) as base:
+        assert httpx.get(f"{base}/health").json()["skipped"] == []
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    with pytest.raises(piggyback.ConfigError, match="max_input_size"):
+        TaskRegistry(model, SPEC, own_dir, size=64, max_input_size=32)
+
+
+def test_uploads_decode_outside_the_model_lock(
+    own_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow (hostile) upload must not stall predictions: only installing holds the lock."""
+    decode = store.task_masks
+
+    def slow_decode(*args: Any) -> dict[str, torch.Tensor]:
+        time.sleep(2)
+        return decode(*args)
+
+    files = {"file": ("d.safetensors", new_task_file(tmp_path))}
+    with server(own_dir, admin_token="t") as base, ThreadPoolExecutor(1) as pool:
+        monkeypatch.setattr(store, "task_masks", slow_decode)
+        auth = {"authorization": "Bearer t"}
+        upload = pool.submit(httpx.post, f"{base}/tasks", files=files, headers=auth, timeout=30)
+        time.sleep(0.5)  # the upload is decoding now
+        start = time.monotonic()
+        answer = httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1]))
+        waited = time.monotonic() - start
+        assert upload.result().status_code == 201 and answer.status_code == 200
+    assert waited < 1.0, f"a prediction waited {waited:.1f} s for an upload's decoding"
 
 
 def test_admin_token_guards_changes(own_dir: Path, tmp_path: Path) -> None:
@@ -349,6 +458,172 @@ def test_admin_token_guards_changes(own_dir: Path, tmp_path: Path) -> None:
         right = {"authorization": "Bearer s3cret"}
         assert httpx.delete(f"{base}/tasks/d", headers=right).status_code == 200
         assert httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1])).status_code == 200
+
+
+def test_writes_are_off_without_an_admin_token(own_dir: Path, tmp_path: Path) -> None:
+    files = {"file": ("d.safetensors", new_task_file(tmp_path))}
+    with server(own_dir) as base:
+        for response in (httpx.post(f"{base}/tasks", files=files), httpx.delete(f"{base}/tasks/a")):
+            assert response.status_code == 403, response.text
+            assert "--admin-token" in response.json()["error"]
+            assert "--allow-unauthenticated-writes" in response.json()["error"]
+        assert httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1])).status_code == 200
+    assert (own_dir / "a.safetensors").exists() and not (own_dir / "d.safetensors").exists()
+
+
+def test_read_token_guards_reads(task_dir: Path) -> None:
+    with server(task_dir, read_token="reader", admin_token="admin") as base:
+        for headers, status in [
+            ({}, 401),
+            ({"authorization": "Bearer wrong"}, 403),
+            ({"authorization": "Bearer reader"}, 200),
+            ({"authorization": "Bearer admin"}, 200),  # the admin token may read too
+        ]:
+            answer = httpx.post(f"{base}/predict", **multipart("a", IMAGES[:1]), headers=headers)
+            listing = httpx.get(f"{base}/tasks", headers=headers)
+            assert answer.status_code == listing.status_code == status, answer.text
+        assert httpx.get(f"{base}/health").status_code == 200
+        upload = httpx.post(
+            f"{base}/tasks", content=b"x", headers={"authorization": "Bearer reader"}
+        )
+        assert upload.status_code == 403, "the read token must not allow writes"
+
+
+def test_access_settings() -> None:
+    assert (
+        "off" in ServeConfig().access and "predictions and task list: open" in ServeConfig().access
+    )
+    assert "anyone" in ServeConfig(allow_unauthenticated_writes=True).writes
+    assert "read token" in ServeConfig(read_token="r").access
+    with pytest.raises(piggyback.ConfigError, match="not both"):
+        ServeConfig(admin_token="a", allow_unauthenticated_writes=True)
+    with pytest.raises(piggyback.ConfigError, match="read_token"):
+        ServeConfig(read_token=" ")
+
+
+# ------------------------------------------------------- the backbone at start-up
+def test_no_single_file_chooses_the_backbone(tmp_path: Path) -> None:
+    """Files naming another backbone, missing weights or an unknown net, whose fingerprint
+    is right, neither stop a start-up nor choose its backbone; and they are served."""
+    torch.manual_seed(0)
+    net = create_backbone("timm:test_efficientnet")
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    model = PiggybackModel(net, MaskConfig())
+    tasks = tmp_path / "tasks"
+    recorded = {
+        "0-renamed": {"backbone": "resnet18"},
+        "0-moved": {"backbone": "timm:test_efficientnet", "weights": "/nonexistent"},
+        "0-unknown": {"backbone": "no_such_net"},
+        "good": {"backbone": "timm:test_efficientnet", "weights": str(weights)},
+    }
+    for name, metadata in recorded.items():
+        model.add_task(name, 3, metadata=metadata)
+        model.freeze_task(name)
+        model.save_task(name, tasks / f"{name}.safetensors")
+    os.utime(tasks / "good.safetensors", (0, 0))  # the older file: the others were uploads
+    for flags in ({}, {"backbone": "timm:test_efficientnet", "weights": weights}):
+        built, spec = build_model(tasks, **flags)
+        assert built.fingerprint == model.fingerprint
+        registry = TaskRegistry(built, spec, tasks)
+        assert sorted(registry.names) == sorted(recorded) and registry.skipped == {}
+    (tasks / "good.safetensors").unlink()  # nothing builds as recorded: the default
+    built, spec = build_model(tasks)
+    registry = TaskRegistry(built, spec, tasks)
+    assert registry.names == [] and len(registry.skipped) == len(recorded) - 1
+    assert all("backbone" in reason for reason in registry.skipped.values())
+
+
+# ------------------------------------------------------------------ timeouts
+def slow_client(url: str, sent: bytes) -> socket.socket:
+    """A connection that sent `sent` and then nothing."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(sent)
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before it closed the connection, or None if it stayed open."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return None
+    finally:
+        sock.close()
+    return received
+
+
+HEAD = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def test_slow_clients_are_disconnected(task_dir: Path) -> None:
+    with server(task_dir, header_timeout_s=1.0, body_timeout_s=1.0) as base:
+        slow = [slow_client(base, HEAD[: 10 + i % 20]) for i in range(150)]
+        start = time.monotonic()
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+        assert time.monotonic() - start < 0.5, "slow clients must not delay others"
+        assert all(closed_within(sock, 3) == b"" for sock in slow), "a slow head is dropped"
+
+        body = slow_client(base, HEAD + b"Content-Length: 100\r\n\r\n{")
+        answer = closed_within(body, 3)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+
+        with httpx.Client(base_url=base) as client:  # after a response, the next head
+            assert client.get("/health").status_code == 200
+            (kept,) = [sock for sock in _sockets(client)]
+            kept.sendall(b"GET /health HTTP/1.1\r\n")
+            assert closed_within(kept, 3) == b""
+
+
+def _sockets(client: httpx.Client) -> list[socket.socket]:
+    """The sockets of `client`'s pooled connections (httpx keeps them open)."""
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    return [c._connection._network_stream._sock for c in pool.connections]
+
+
+def test_serve_command_survives_slow_clients_at_a_low_fd_limit(tmp_path: Path) -> None:
+    """150 slow clients against 128 file descriptors: /health still answers, as soon as
+    the header timeout has dropped them."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "piggyback", "serve", "--tasks", str(tmp_path), "--port",
+        str(port), "--header-timeout", "1",
+    ]  # fmt: skip
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))  # noqa: E731
+    log = tmp_path / "server.log"
+    with log.open("w") as out:  # a file, not a pipe: a full pipe would block the server
+        process = subprocess.Popen(command, stdout=out, stderr=out, preexec_fn=limit)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, process)
+        slow = [slow_client(url, HEAD) for _ in range(150)]
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        for sock in slow:
+            sock.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "task uploads and deletions: off" in log.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError("the server did not start")
 
 
 # ------------------------------------------------------------ pieces, CLI
@@ -405,10 +680,12 @@ def test_batcher_fills_batches_and_isolates_errors() -> None:
     assert isinstance(crashed[0], RuntimeError) and torch.equal(after, torch.full((1,), 2.0))
 
 
-def test_two_files_of_one_task_are_refused(own_dir: Path) -> None:
+def test_two_files_of_one_task_serve_the_first(own_dir: Path) -> None:
     shutil.copy(own_dir / "a.safetensors", own_dir / "a-copy.safetensors")
-    with pytest.raises(TaskExistsError, match=r"already served, from a-copy\.safetensors"):
-        TaskRegistry(PiggybackModel(make_tiny(), MaskConfig()), SPEC, own_dir)
+    registry = TaskRegistry(PiggybackModel(make_tiny(), MaskConfig()), SPEC, own_dir)
+    assert registry.entry("a").path.name == "a-copy.safetensors"
+    assert list(registry.skipped) == ["a.safetensors"]
+    assert "already served, from a-copy.safetensors" in registry.skipped["a.safetensors"]
 
 
 def test_baked_cache_admits_by_frequency() -> None:
@@ -431,19 +708,40 @@ def test_serve_command_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "max_batch" in capsys.readouterr().err
     assert main(["serve", "--tasks", str(tmp_path), "--device", "tpu"]) == 2
     assert "not a torch device" in capsys.readouterr().err
+    assert main(["serve", "--tasks", str(tmp_path), "--header-timeout", "0"]) == 2
+    assert "header_timeout_s" in capsys.readouterr().err
+    both = ["--admin-token", "t", "--allow-unauthenticated-writes"]
+    assert main(["serve", "--tasks", str(tmp_path), *both]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def run_quick(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Run a bench script with --quick; its JSON results and what it printed."""
+    out = tmp_path / f"{script}.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
 
 
 def test_bench_quick(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    payload, printed = run_quick("serve", tmp_path)
+    rows = payload["rows"]
     assert [row["tasks"] for row in rows] == [1, 20]
     assert all(row["errors"] == 0 and row["req_per_s"] > 0 for row in rows)
-    assert "| tasks |" in result.stdout
+    assert "| tasks |" in printed
+
+
+def test_hostile_bench_quick(tmp_path: Path) -> None:
+    """Each bad upload refused (or, on the right backbone, served), load without a 5xx,
+    and three clean restarts on the same folder."""
+    payload, printed = run_quick("serve_hostile", tmp_path)
+    assert payload["passed"] and "PASS" in printed
+    assert {row["status"] for row in payload["uploads"]} == {400, 201}
+    assert payload["load"]["unexpected"] == {}
+    assert all(row["ok"] for row in payload["restarts"])

@@ -369,9 +369,20 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--admin-token", help="guards task upload/delete; or PIGGYBACK_ADMIN_TOKEN")
+    group = serve.add_argument_group("access (uploads and deletions are off without a token)")
+    group.add_argument("--admin-token", help="allows task upload/delete with this bearer token")
+    group.add_argument(
+        "--allow-unauthenticated-writes",
+        action="store_true",
+        help="let anyone upload and delete tasks (no admin token)",
+    )
+    group.add_argument("--read-token", help="guards /predict and GET /tasks too")
     group = serve.add_argument_group("limits and batching (defaults: piggyback.serve.ServeConfig)")
     group.add_argument("--max-upload-mb", type=float, help="largest request body")
+    group.add_argument("--max-input-size", type=int, help="largest input size (px) a task may ask")
+    group.add_argument("--max-request-pixels", type=int, help="decoded pixels per request")
+    group.add_argument("--header-timeout", type=float, help="seconds to send a request head")
+    group.add_argument("--body-timeout", type=float, help="seconds to send a request body")
     group.add_argument("--batch-window-ms", type=float, help="wait this long to fill a batch")
     group.add_argument("--max-batch", type=int, help="images per batch and per request")
     group.add_argument("--cache-size", type=int, help="tasks kept baked (0: none)")
@@ -523,10 +534,21 @@ def _serve(args: argparse.Namespace) -> int:
             f"`piggyback serve` needs {exc.name}: pip install fastapi uvicorn python-multipart"
         ) from exc
 
-    flags = ("max_upload_mb", "batch_window_ms", "max_batch", "cache_size")
+    flags = {
+        "max_upload_mb": args.max_upload_mb,
+        "max_input_size": args.max_input_size,
+        "max_request_pixels": args.max_request_pixels,
+        "header_timeout_s": args.header_timeout,
+        "body_timeout_s": args.body_timeout,
+        "batch_window_ms": args.batch_window_ms,
+        "max_batch": args.max_batch,
+        "cache_size": args.cache_size,
+    }
     config = ServeConfig(
         admin_token=args.admin_token or os.environ.get("PIGGYBACK_ADMIN_TOKEN"),
-        **{key: getattr(args, key) for key in flags if getattr(args, key) is not None},
+        read_token=args.read_token or os.environ.get("PIGGYBACK_READ_TOKEN"),
+        allow_unauthenticated_writes=args.allow_unauthenticated_writes,
+        **{key: value for key, value in flags.items() if value is not None},
     )
     from .train import resolve_device
 
@@ -534,7 +556,8 @@ def _serve(args: argparse.Namespace) -> int:
     model, spec = build_model(args.tasks, backbone=args.backbone, weights=args.weights)
     model.to(device)
     app = create_app(model, spec, args.tasks, config, size=args.size)
-    if config.admin_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    print(config.access, flush=True)
+    if config.allow_unauthenticated_writes and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: anyone reaching {args.host} may add or delete tasks; set --admin-token")
     run(app, host=args.host, port=args.port)
     return 0

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,12 +31,20 @@ MAX_ASPECT = 64  # longer side : shorter side
 ImageSource = str | Path | IO[bytes]
 
 
+class ImageBudgetError(DataError):
+    """An image refused from its header: `too_many_pixels`, else too elongated."""
+
+    def __init__(self, message: str, *, too_many_pixels: bool) -> None:
+        super().__init__(message)
+        self.too_many_pixels = too_many_pixels
+
+
 def open_image(source: ImageSource, what: str) -> Image.Image:
     """The decoded image at `source` (mode as stored), after its size passed the budget.
 
     `what` names the image in errors, e.g. ``f"image {path}"``.
     """
-    with _opened(source, what) as image:
+    with checked_image(source, what) as image:
         image.load()
         return image
 
@@ -45,7 +52,7 @@ def open_image(source: ImageSource, what: str) -> Image.Image:
 def verify_image(source: ImageSource, what: str) -> None:
     """Check an image without decoding its pixels: readable header, size within the budget,
     and intact data as far as PIL's `verify` can tell (chunk checksums for PNG)."""
-    with _opened(source, what) as image:
+    with checked_image(source, what) as image:
         image.verify()
 
 
@@ -75,38 +82,45 @@ def unreadable(problem: Exception | str) -> DataError:
 
 
 @contextmanager
-def _opened(source: ImageSource, what: str) -> Iterator[Image.Image]:
-    """PIL's image with its geometry checked; any failure becomes one `DataError`."""
+def checked_image(
+    source: ImageSource, what: str, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Iterator[Image.Image]:
+    """PIL's lazily opened image, its geometry checked against `max_pixels` and
+    `MAX_ASPECT` before any pixel is decoded; any failure becomes one `DataError`.
+
+    PIL's own decompression-bomb limit (a warning above 89 million pixels, an error
+    above twice that) stays as PIL sets it: the budget here is lower and is checked first
+    for every image PIL does not refuse on its own.
+    """
     try:
-        with warnings.catch_warnings():
-            # PIL warns above its own, higher limit; ours is checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source)
-        with opened as image:
-            _check_geometry(image, what)
+        with Image.open(source) as image:
+            _check_geometry(image, what, max_pixels)
             yield image
     except DataError:
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{what} does not exist") from exc
     except Image.DecompressionBombError as exc:  # PIL's own limit, above ours
-        raise DataError(
-            f"{what} is too large to decode ({exc}); at most {MAX_IMAGE_PIXELS:,} pixels "
-            "are accepted (piggyback.images.MAX_IMAGE_PIXELS): shrink it"
+        raise ImageBudgetError(
+            f"{what} is too large to decode ({exc}); at most {max_pixels:,} pixels are "
+            "accepted: shrink it",
+            too_many_pixels=True,
         ) from exc
     except Exception as exc:  # PIL's decoders raise many kinds on malformed data
         raise DataError(f"cannot read {what} ({type(exc).__name__}: {exc})") from exc
 
 
-def _check_geometry(image: Image.Image, what: str) -> None:
+def _check_geometry(image: Image.Image, what: str, max_pixels: int) -> None:
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(
+    if width * height > max_pixels:
+        raise ImageBudgetError(
             f"{what} is {width}x{height} = {width * height:,} pixels; at most "
-            f"{MAX_IMAGE_PIXELS:,} are accepted (piggyback.images.MAX_IMAGE_PIXELS): shrink it"
+            f"{max_pixels:,} are accepted: shrink it",
+            too_many_pixels=True,
         )
     if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
-        raise DataError(
+        raise ImageBudgetError(
             f"{what} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1; "
-            "crop it closer to square (piggyback.images.MAX_ASPECT)"
+            "crop it closer to square",
+            too_many_pixels=False,
         )

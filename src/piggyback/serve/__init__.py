@@ -7,9 +7,10 @@ packages.
 """
 
 from .app import create_app
+from .backbone import build_model
 from .batcher import Batcher, Job
 from .config import ServeConfig
-from .registry import BakedCache, TaskExistsError, TaskRegistry, build_model
+from .registry import BakedCache, TaskExistsError, TaskRegistry
 from .runner import run, running
 
 __all__ = [

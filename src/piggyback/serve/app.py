@@ -1,13 +1,13 @@
 """The HTTP routes: health, the task list, predictions, and adding or deleting tasks.
 
-Routes stay thin: `inputs` turns requests into images and files, the `Batcher` gathers
-concurrent predictions into batches, and the `TaskRegistry` runs them on one model.
-Every error a client can cause becomes a JSON ``{"error": message}`` with a 4xx status.
+Routes stay thin: `auth` decides who may call them, `inputs` turns requests into images
+and files, the `Batcher` gathers concurrent predictions into batches, and the
+`TaskRegistry` runs them on one model. Every error a client can cause becomes a JSON
+``{"error": message}`` with a 4xx status.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +22,7 @@ from ..backbones import InputSpec
 from ..errors import PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
 from ..pipeline import rank
+from .auth import check_read, check_write
 from .batcher import Batcher, Job, ShuttingDownError
 from .config import ServeConfig
 from .inputs import ApiError, parse_predict, parse_task_upload, read_body, to_batch
@@ -46,14 +47,22 @@ def create_app(
 ) -> FastAPI:
     """A server for every task file in `tasks_dir`, loaded onto `model` (holding no task).
 
-    `spec` is the backbone's input; `size` overrides the size each task records.
+    `spec` is the backbone's input; `size` overrides the size each task records. Files
+    that do not load are skipped, and listed by ``/health`` and ``/tasks``.
 
     Example:
         >>> model, spec = build_model("tasks/")  # doctest: +SKIP
-        >>> uvicorn.run(create_app(model, spec, "tasks/"))  # doctest: +SKIP
+        >>> run(create_app(model, spec, "tasks/"))  # doctest: +SKIP
     """
     config = config or ServeConfig()
-    registry = TaskRegistry(model, spec, tasks_dir, size=size, cache_size=config.cache_size)
+    registry = TaskRegistry(
+        model,
+        spec,
+        tasks_dir,
+        size=size,
+        cache_size=config.cache_size,
+        max_input_size=config.max_input_size,
+    )
     batcher = Batcher(
         registry.infer, window_s=config.batch_window_ms / 1000, max_batch=config.max_batch
     )
@@ -67,37 +76,37 @@ def create_app(
     app = FastAPI(title="piggyback", lifespan=lifespan)
     app.state.registry = registry
     app.state.batcher = batcher
+    app.state.config = config
     _add_error_handlers(app)
-
-    def check_admin(request: Request) -> None:
-        if config.admin_token is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "this needs the admin token: 'Authorization: Bearer TOKEN'")
-        if not secrets.compare_digest(token.strip().encode(), config.admin_token.encode()):
-            raise ApiError(403, "the admin token is wrong")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
             "tasks": len(registry.names),
+            "skipped": _skipped(registry),
             "cached": registry.cache.tasks,
             "batches": batcher.batches,
             "images": batcher.images,
         }
 
     @app.get("/tasks")
-    async def list_tasks() -> dict[str, Any]:
-        return {"tasks": [entry.to_dict() for entry in registry.entries()]}
+    async def list_tasks(request: Request) -> dict[str, Any]:
+        check_read(request, config)
+        return {
+            "tasks": [entry.to_dict() for entry in registry.entries()],
+            "skipped": _skipped(registry),
+        }
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        body = await read_body(request, config.max_upload_bytes)
+        check_read(request, config)
+        body = await read_body(request, config.max_upload_bytes, config.body_timeout_s)
         query = await parse_predict(request, body, config.max_batch)
         entry = registry.entry(query.task)
-        images = await run_in_threadpool(to_batch, query.images, entry.spec)
+        images = await run_in_threadpool(
+            to_batch, query.images, entry.spec, config.max_request_pixels
+        )
         logits = await batcher.submit(Job(entry.name, images))
         return {
             "task": entry.name,
@@ -106,19 +115,24 @@ def create_app(
 
     @app.post("/tasks", status_code=201)
     async def add_task(request: Request) -> dict[str, Any]:
-        check_admin(request)
-        body = await read_body(request, config.max_upload_bytes)
+        check_write(request, config)
+        body = await read_body(request, config.max_upload_bytes, config.body_timeout_s)
         data = await parse_task_upload(request, body)
         entry = await run_in_threadpool(registry.add, data)
         return entry.to_dict()
 
     @app.delete("/tasks/{name}")
     async def delete_task(name: str, request: Request) -> dict[str, Any]:
-        check_admin(request)
+        check_write(request, config)
         await run_in_threadpool(registry.remove, name)
         return {"deleted": name}
 
     return app
+
+
+def _skipped(registry: TaskRegistry) -> list[dict[str, str]]:
+    """The task files in the folder that are not served, and why."""
+    return [{"file": name, "reason": reason} for name, reason in registry.skipped.items()]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -126,7 +140,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.close:
+            headers["Connection"] = "close"
         return error(exc.status, exc.message, headers)
 
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -9,40 +9,87 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How the server batches, caches and guards its uploads.
+    """How the server batches, caches, bounds its work and guards its routes.
 
-    `batch_window_ms` is how long the first waiting request may wait for others to share
-    its batch; `max_batch` caps the images in one forward pass (and in one request);
-    `cache_size` is how many tasks are kept as baked plain models (0: none, every
-    request runs through the masked model); `max_upload_mb` caps a request body;
-    `admin_token`, when set, guards adding and deleting tasks.
+    Batching: `batch_window_ms` is how long the first waiting request may wait for others
+    to share its batch; `max_batch` caps the images in one forward pass (and in one
+    request); `cache_size` is how many tasks are kept as baked plain models (0: none).
+
+    Limits, because clients and task files are not trusted: `max_upload_mb` caps a request
+    body; `max_input_size` caps the input size (px) a task may ask for, since every image
+    of that task is resized to it; `max_request_pixels` caps the decoded pixels of one
+    request's images together; `header_timeout_s` and `body_timeout_s` are how long a
+    client may take to send its request head and its body.
+
+    Access: `admin_token` guards adding and deleting tasks, which are off without one
+    unless `allow_unauthenticated_writes`; `read_token`, when set, guards predictions and
+    the task list (the admin token opens them too). ``/health`` is always open.
 
     Example:
         >>> ServeConfig(cache_size=0).max_upload_bytes
         16777216
+        >>> ServeConfig(admin_token="s3cret").writes
+        'guarded by the admin token'
     """
 
     batch_window_ms: float = 5.0
     max_batch: int = 32
     cache_size: int = 4
     max_upload_mb: float = 16.0
+    max_input_size: int = 512
+    max_request_pixels: int = 50_000_000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     admin_token: str | None = None
+    read_token: str | None = None
+    allow_unauthenticated_writes: bool = False
 
     def __post_init__(self) -> None:
         _check_number("batch_window_ms", self.batch_window_ms, allow_zero=True)
-        _check_number("max_upload_mb", self.max_upload_mb, allow_zero=False)
-        for name, minimum in (("max_batch", 1), ("cache_size", 0)):
+        for name in ("max_upload_mb", "header_timeout_s", "body_timeout_s"):
+            _check_number(name, getattr(self, name), allow_zero=False)
+        for name, minimum in (
+            ("max_batch", 1),
+            ("cache_size", 0),
+            ("max_input_size", 1),
+            ("max_request_pixels", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.admin_token is not None and (
-            not isinstance(self.admin_token, str) or not self.admin_token.strip()
-        ):
-            raise ConfigError("admin_token must be a non-empty string or None")
+        for name in ("admin_token", "read_token"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a non-empty string or None")
+        if not isinstance(self.allow_unauthenticated_writes, bool):
+            raise ConfigError(
+                "allow_unauthenticated_writes must be True or False, "
+                f"got {self.allow_unauthenticated_writes!r}"
+            )
+        if self.allow_unauthenticated_writes and self.admin_token is not None:
+            raise ConfigError(
+                "pass either an admin token (writes need it) or allow_unauthenticated_writes "
+                "(writes need nothing), not both"
+            )
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def writes(self) -> str:
+        """Who may add and delete tasks, in words."""
+        if self.admin_token is not None:
+            return "guarded by the admin token"
+        if self.allow_unauthenticated_writes:
+            return "open to anyone (--allow-unauthenticated-writes)"
+        return "off (start with --admin-token TOKEN to allow them)"
+
+    @property
+    def access(self) -> str:
+        """The one line `piggyback serve` prints at start-up: who may do what."""
+        reads = "guarded by the read token" if self.read_token is not None else "open to anyone"
+        return f"task uploads and deletions: {self.writes}; predictions and task list: {reads}"
 
 
 def _check_number(name: str, value: object, *, allow_zero: bool) -> None:

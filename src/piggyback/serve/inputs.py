@@ -1,16 +1,20 @@
 """From HTTP requests to images and task files, and every way a request can be wrong.
 
 Each bad request becomes an `ApiError` with the 4xx status and a message that says what
-to send instead: the server answers it and goes on serving.
+to send instead: the server answers it and goes on serving. Work is bounded before it is
+done: the body's bytes and arrival time, each image's and the request's pixels (from the
+image headers, before decoding).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +25,28 @@ from starlette.requests import Request
 
 from ..backbones import InputSpec
 from ..data import image_transform
+from ..errors import DataError
+from ..images import ImageBudgetError, checked_image
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
 DEFAULT_TOPK = 5  # as `piggyback.pipeline.predict`
-MAX_PIXELS = 25_000_000  # a 5000 x 5000 photo
-MAX_ASPECT = 64
+MAX_PIXELS = 25_000_000  # of one image: a 5000 x 5000 photo (the library's limit is 50M)
 
 
 class ApiError(Exception):
-    """A client error: an HTTP status and what is wrong with the request."""
+    """A client error: an HTTP status and what is wrong with the request.
 
-    def __init__(self, status: int, message: str) -> None:
+    `close` ends the connection after the answer: for a body left unread, whose rest the
+    client may still be sending.
+    """
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 @dataclass(frozen=True)
@@ -52,11 +62,21 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body; 413 as soon as it is known to exceed `limit` bytes, 408 if it has
+    not all arrived within `timeout_s` (a client trickling bytes holds a connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
+    try:
+        return await asyncio.wait_for(_read_stream(request, limit), timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s", close=True
+        ) from exc
+
+
+async def _read_stream(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():  # a chunked body declares no length
         size += len(chunk)
@@ -108,31 +128,42 @@ async def parse_task_upload(request: Request, body: bytes) -> bytes:
 
 
 def decode_image(data: bytes, what: str) -> Image.Image:
-    """An RGB image from encoded bytes (PNG, JPEG, ... whatever PIL reads).
+    """An RGB image from encoded bytes (PNG, JPEG, ... whatever PIL reads)."""
+    with _opened(data, what) as image:
+        return image.convert("RGB")
 
-    A few kilobytes of PNG can decode to gigabytes, and a 1 x 100,000 strip resizes to
-    a huge one: both are refused from the header, before decoding.
-    """
+
+def image_size(data: bytes, what: str) -> tuple[int, int]:
+    """Width and height from the image's header, without decoding its pixels."""
+    with _opened(data, what) as image:
+        return image.size
+
+
+@contextmanager
+def _opened(data: bytes, what: str) -> Iterator[Image.Image]:
+    """An image opened lazily and checked from its header (`piggyback.images`, with the
+    server's own pixel limit): too many pixels is a 413, too elongated a 422, anything
+    else a 400."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_geometry(image, what)
-            return image.convert("RGB")
-    except ApiError:
-        raise
-    except Exception as exc:  # PIL's decoders raise many kinds on malformed data
-        raise ApiError(400, f"cannot decode {what} as an image ({type(exc).__name__})") from exc
+        with checked_image(io.BytesIO(data), what, max_pixels=MAX_PIXELS) as image:
+            yield image
+    except ImageBudgetError as exc:
+        raise ApiError(413 if exc.too_many_pixels else 422, str(exc)) from exc
+    except DataError as exc:
+        raise ApiError(400, str(exc)) from exc
 
 
-def _check_geometry(image: Image.Image, what: str) -> None:
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ApiError(413, f"{what} has {width}x{height} pixels; at most {MAX_PIXELS:,}")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ApiError(422, f"{what} is {width}x{height}; at most {MAX_ASPECT}:1 is accepted")
+def to_batch(images: Sequence[bytes], spec: InputSpec, max_pixels: int) -> torch.Tensor:
+    """Decode and preprocess as `piggyback.pipeline.predict` does: ``[n, 3, size, size]``.
 
-
-def to_batch(images: Iterable[bytes], spec: InputSpec) -> torch.Tensor:
-    """Decode and preprocess as `piggyback.pipeline.predict` does: ``[n, 3, size, size]``."""
+    The images together may hold at most `max_pixels`, read from their headers first.
+    """
+    sizes = [image_size(data, f"image {i}") for i, data in enumerate(images)]
+    pixels = sum(width * height for width, height in sizes)
+    if pixels > max_pixels:
+        raise ApiError(
+            413, f"the request's images hold {pixels:,} pixels together; at most {max_pixels:,}"
+        )
     transform = image_transform(spec)
     return torch.stack(
         [transform(decode_image(data, f"image {i}")) for i, data in enumerate(images)]
@@ -159,8 +190,10 @@ def _integer(text: Any) -> Any:
 def _json(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 5,000 digits
         raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the JSON body is nested too deeply") from exc
     if not isinstance(payload, dict):
         raise ApiError(422, f"the JSON body must be an object, got {type(payload).__name__}")
     return payload
@@ -189,7 +222,9 @@ def _checked(task: Any, images: list[bytes], topk: Any, max_images: int) -> Pred
 
 
 def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"the request body exceeds the limit of {limit:,} bytes ({size:,} seen)")
+    return ApiError(
+        413, f"the request body exceeds the limit of {limit:,} bytes ({size:,} seen)", close=True
+    )
 
 
 def _unsupported(kind: str, allowed: tuple[str, ...]) -> ApiError:

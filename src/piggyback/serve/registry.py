@@ -9,10 +9,15 @@ plain copy of the backbone with W * mask in it), which runs at exactly the plain
 backbone's speed. Other tasks still run, through the masked model, in one mixed-task
 forward pass. Memory is about 2 + `cache_size` backbones' weights (the frozen one, the
 masked layers' cached W * mask, one per baked task) plus each task's mask and head.
+
+Task files are not trusted: a file that does not load at start-up is skipped (and listed
+in `skipped` with the reason) rather than stopping the server, and no task may ask for
+inputs larger than `max_input_size`, since every one of its images is resized to it.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from collections import Counter, OrderedDict
@@ -24,13 +29,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones import InputSpec, input_spec
-from ..config import MaskConfig
-from ..errors import ConfigError, TaskFileError, UnknownTaskError
+from ..backbones import InputSpec
+from ..errors import ConfigError, PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
-from ..pipeline import recorded_backbone, task_source
-from ..store import SUFFIX, read_task_file, task_files, write_atomic
+from ..store import (
+    SUFFIX,
+    PreparedTask,
+    install_task,
+    prepare_task,
+    read_task_file,
+    task_files,
+    write_atomic,
+)
 from .batcher import Job
+
+log = logging.getLogger(__name__)
 
 
 class TaskExistsError(ConfigError):
@@ -61,21 +74,6 @@ class TaskEntry:
             "kept": self.mask.get("kept"),
             "input_size": self.spec.size,
         }
-
-
-def build_model(
-    directory: str | Path, *, backbone: str | None = None, weights: str | Path | None = None
-) -> tuple[PiggybackModel, InputSpec]:
-    """An empty model for the tasks in `directory`, and its backbone's input spec.
-
-    The backbone, its weights and the mask config default to what the first task file
-    records (as `piggyback predict` does); an empty folder gets the embedded default.
-    """
-    files = task_files(directory)
-    source = task_source(files[0]) if files else {}
-    net = recorded_backbone(source, backbone=backbone, weights=weights)
-    config = MaskConfig.from_dict(source["config"]) if source else MaskConfig()
-    return PiggybackModel(net, config).eval(), input_spec(net)
 
 
 class BakedCache:
@@ -138,8 +136,11 @@ class TaskRegistry:
     """Every task file of `directory`, loaded onto one model, and the way to run them.
 
     Each task is fed at `size` if given, else at the size its file records (what it was
-    trained at), else at `spec.size`. One lock guards the model: batches, uploads and
-    deletions take turns, so a task never changes under a running batch.
+    trained at), else at `spec.size`; never above `max_input_size`. One lock guards the
+    model: batches and the quick install or removal of a task take turns, so a task never
+    changes under a running batch. Reading, checking and decoding an upload (slow for a
+    hostile file) happen outside it, while batches run; uploads and deletions take turns
+    among themselves under a second lock.
 
     Example:
         >>> registry = TaskRegistry(model, spec, "tasks/")  # doctest: +SKIP
@@ -154,22 +155,34 @@ class TaskRegistry:
         *,
         size: int | None = None,
         cache_size: int = 4,
+        max_input_size: int = 512,
     ) -> None:
         if model.tasks:
             raise ConfigError(
                 f"the model already holds tasks {model.tasks}; pass one without tasks, the "
                 "registry loads them from the task directory"
             )
+        if size is not None and size > max_input_size:
+            raise ConfigError(
+                f"input size {size} exceeds the largest this server accepts, {max_input_size}: "
+                "pass a smaller size or raise max_input_size (--max-input-size)"
+            )
         self.model = model.eval()
         self.spec = spec
         self.size = size
+        self.max_input_size = max_input_size
         self.directory = Path(directory)
         self.cache = BakedCache(cache_size, model.bake)
+        self.skipped: dict[str, str] = {}  # file name -> why it is not served
         self._entries: dict[str, TaskEntry] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model: batches, installs, removals
+        self._writing = threading.Lock()  # the folder and the task list: uploads, deletions
         for path in task_files(self.directory):
-            entry = self._load(path, read_task_file(path)[0])
-            self._entries[entry.name] = entry
+            try:
+                self._install(*self._prepare(path))
+            except PiggybackError as exc:
+                self.skipped[path.name] = str(exc).replace(str(path), path.name)
+                log.error("skipped task file %s: %s", path.name, self.skipped[path.name])
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -188,38 +201,33 @@ class TaskRegistry:
     def add(self, data: bytes) -> TaskEntry:
         """Validate an uploaded task file on the model, then persist it into the folder.
 
-        The library checks it all (safetensors, checksum, backbone fingerprint, layer
-        shapes) before anything is written, so a bad file leaves the folder untouched.
+        The library checks it all (safetensors, checksum, every header field, backbone
+        fingerprint, layer and head shapes) and decodes it before anything is written, so
+        a bad file leaves the folder untouched, and batches run meanwhile.
         """
-        with tempfile.TemporaryDirectory() as tmp:
+        with self._writing, tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / f"upload{SUFFIX}"
             staged.write_bytes(data)
             try:
-                return self._add(staged, data)
+                prepared, entry = self._prepare(staged)  # checks the name: a safe path
             except TaskFileError as exc:  # name the upload, not its temporary path
                 raise type(exc)(str(exc).replace(str(staged), "the uploaded file")) from exc
-
-    def _add(self, staged: Path, data: bytes) -> TaskEntry:
-        meta = read_task_file(staged)[0]
-        with self._lock:
-            entry = self._load(staged, meta)  # validates the name before it becomes a path
             target = self.directory / f"{entry.name}{SUFFIX}"
+            if target.exists():
+                raise TaskExistsError(f"{target.name} already exists in the task folder")
+            write_atomic(target, data)
             try:
-                if target.exists():
-                    raise TaskExistsError(f"{target.name} already exists in the task folder")
-                write_atomic(target, data)
+                return self._install(prepared, replace(entry, path=target))
             except BaseException:
-                self._unload(entry.name)
+                target.unlink(missing_ok=True)
                 raise
-            entry = replace(entry, path=target)
-            self._entries[entry.name] = entry
-            return entry
 
     def remove(self, name: str) -> None:
         """Delete a task's file, then the task: a failed delete leaves it served."""
-        with self._lock:
+        with self._writing:
             self.entry(name).path.unlink(missing_ok=True)
-            self._unload(name)
+            with self._lock:
+                self._unload(name)
 
     # ------------------------------------------------------------- inference
     @torch.no_grad()
@@ -255,32 +263,53 @@ class TaskRegistry:
         return outcomes
 
     # --------------------------------------------------------------- helpers
-    def _load(self, path: Path, meta: dict[str, Any]) -> TaskEntry:
-        """Load the task file at `path` (whose metadata is `meta`) onto the model, all or
-        nothing; the caller lists its entry."""
+    def _prepare(self, path: Path) -> tuple[PreparedTask, TaskEntry]:
+        """Read, check and decode the task file at `path` for the model, leaving the model
+        untouched: the slow and untrusted half of adding a task, done outside the lock.
+
+        The header is read first for what the server itself refuses (a task already
+        served, too large an input) before any mask is decoded.
+        """
+        meta = read_task_file(path)[0]
         existing = self._entries.get(meta["task"])
         if existing is not None:
             raise TaskExistsError(
                 f"task {meta['task']!r} is already served, from {existing.path.name}; "
                 "remove it first"
             )
-        name = self.model.load_task(path)
-        info = self.model.task_info[name]
-        try:
-            spec = replace(self.spec, size=self.size or info.metadata.get("size") or self.spec.size)
-        except ConfigError as exc:
-            self.model.remove_task(name)
-            raise TaskFileError(f"{path} records an unusable input size: {exc}") from exc
+        spec = self._input(path, meta)
+        prepared = prepare_task(self.model, path)
         entry = TaskEntry(
-            name=name,
+            name=prepared.name,
             path=path,
             file_bytes=path.stat().st_size,
-            num_classes=info.num_classes,
-            class_names=info.class_names,
+            num_classes=prepared.num_classes,
+            class_names=prepared.class_names,
             spec=spec,
             mask={k: v for k, v in meta["mask"].items() if k != "layers"},
         )
+        return prepared, entry
+
+    def _install(self, prepared: PreparedTask, entry: TaskEntry) -> TaskEntry:
+        """Add a prepared task to the model and the task list: quick, under the lock."""
+        with self._lock:
+            install_task(self.model, prepared)
+            self._entries[entry.name] = entry
         return entry
+
+    def _input(self, path: Path, meta: dict[str, Any]) -> InputSpec:
+        """How the task of `meta` is fed; refused if that is larger than the server allows."""
+        recorded = (meta.get("metadata") or {}).get("size")
+        try:
+            spec = replace(self.spec, size=self.size or recorded or self.spec.size)
+        except ConfigError as exc:
+            raise TaskFileError(f"{path} records an unusable input size: {exc}") from exc
+        if spec.size > self.max_input_size:
+            raise TaskFileError(
+                f"{path} asks for {spec.size} px inputs; this server feeds at most "
+                f"{self.max_input_size} px (--max-input-size)"
+            )
+        return spec
 
     def _unload(self, name: str) -> None:
         self._entries.pop(name, None)
