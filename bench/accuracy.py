@@ -111,7 +111,8 @@ def run(
         metadata = {"size": args.size, "data": source, "seed": seed, "limit": args.limit}
         if not variant.random_backbone:
             metadata["backbone"] = DEFAULT_BACKBONE
-        fit(model, task, data, train, out, metadata=metadata)
+        # bench/norms.py reads the best epoch's fp32 norm tensors from the checkpoint.
+        fit(model, task, data, train, out, keep_checkpoint=True, metadata=metadata)
     result = json.loads((out / "result.json").read_text())
     row = {"task": task, "seed": seed, "method": name, "setting": label,
            "val_top1": 100 * result["val"]["top1"], "test_top1": 100 * result["test"]["top1"],
