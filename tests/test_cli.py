@@ -315,6 +315,8 @@ def test_eval_on_a_dataset_with_other_classes(trained: Path, tmp_path: Path) -> 
         (("train",), ("--data",)),
         (("inspect", "/no/such.safetensors"), ("does not exist",)),
         (("train", "--config", "/no/such.yaml"), ("no/such.yaml",)),
+        (("predict", "t.safetensors", "x.png", "--topk", "0"), ("--topk must be at least 1",)),
+        (("eval", "t.safetensors", "--batch-size", "0"), ("--batch-size must be at least 1",)),
     ],
 )
 def test_bad_arguments_give_one_line(args: tuple[str, ...], needles: tuple[str, ...]) -> None:

@@ -33,6 +33,8 @@ class OpenedModel:
     @torch.no_grad()
     def predict(self, images: list[Image.Image], topk: int) -> list[Prediction]:
         """The `topk` most probable classes of each image (at most the task's classes)."""
+        if not images:
+            return []
         device = next(self.network.parameters()).device
         logits = self.network.eval()(preprocess(images, self.info.spec, device))
         return [rank(row, self.info.class_names, topk) for row in logits]

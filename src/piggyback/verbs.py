@@ -20,6 +20,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from .modelfile import open_model_file
     from .train import evaluate, resolve_device
 
+    _check_positive(batch_size=args.batch_size)
     opened = open_model_file(
         args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
     )
@@ -60,6 +61,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from .pipeline import read_image
     from .train import resolve_device
 
+    _check_positive(topk=args.topk, batch_size=args.batch_size)
     paths = _image_paths(args.images)
     good, bad = readable_images(paths, strict=args.strict)
     if not good:
@@ -91,6 +93,12 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
+
+
+def _check_positive(**flags: int) -> None:
+    for name, value in flags.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _image_paths(given: list[Path]) -> list[Path]:
