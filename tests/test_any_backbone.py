@@ -224,3 +224,25 @@ def test_training_refuses_masks_that_would_be_ignored(tmp_path: Path) -> None:
     model = PiggybackModel(StaleReader(), MaskConfig(train_bn=False))
     with pytest.raises(ConfigError, match="'hidden'"):
         fit(model, "t", data, config, tmp_path)
+
+
+def test_verify_masks_leaves_every_module_as_it_was() -> None:
+    model, x, _ = build("timm convnext")
+    model.train()
+    some_norm = next(iter(model.norms.values()))
+    some_norm.eval()  # the user's choice, which must survive the probe
+    before = {name: m.training for name, m in model.named_modules()}
+    keys = list(model.state_dict())
+    model.verify_masks(x)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert list(model.state_dict()) == keys and model.tasks == []
+    with torch.inference_mode(), pytest.raises(ConfigError, match="inference_mode"):
+        model.verify_masks(x)
+
+
+def test_a_layer_registered_twice_is_refused_and_the_backbone_left_alone() -> None:
+    net = Encoder()
+    net.alias = net.embed
+    with pytest.raises(ConfigError, match="'embed' is also registered as 'alias'"):
+        PiggybackModel(net)
+    assert type(net.embed) is nn.Linear  # nothing was wrapped

@@ -425,3 +425,19 @@ def test_predict_refuses_oversized_images(encoded: bytes, words: str, tmp_path: 
     image.write_bytes(encoded)
     result = run("predict", str(tmp_path / "t.safetensors"), str(image))
     assert_clean_error(result, str(image), words)
+
+
+def test_resume_skips_a_run_that_completed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished run removed its checkpoint; `--resume` (as train-many passes it to every
+    task) must not train it again from epoch 1."""
+    pytest.importorskip("sklearn")
+    run = [*TINY_RUN, "--epochs", "1", "--out", str(tmp_path)]
+    assert main(run) == 0
+    task_file = next(tmp_path.glob("*.safetensors"))
+    written = task_file.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert task_file.stat().st_mtime_ns == written

@@ -198,6 +198,24 @@ def test_csv_label_that_is_no_class_index(folder: Path, label: str) -> None:
     assert f"0..{data.MAX_CLASSES - 1}" in str(info.value)
 
 
+def test_csv_label_of_5000_digits_or_an_oversized_field(folder: Path) -> None:
+    (folder / "long.csv").write_text(f"cat/00.png,0\ndog/00.png,{'9' * 5000}\n")
+    with pytest.raises(DataError, match=r"long\.csv:2: label 9+\.\.\. is not a class index"):
+        load_task_data(folder / "long.csv", SPEC)
+    (folder / "wide.csv").write_text(f"cat/00.png,{'x' * 200_000}\n")
+    with pytest.raises(DataError, match=r"wide\.csv is not a readable CSV"):
+        load_task_data(folder / "wide.csv", SPEC)
+
+
+def test_csv_with_more_class_names_than_supported(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("piggyback.data.sources.MAX_CLASSES", 1)
+    (folder / "names.csv").write_text("cat/00.png,cat\ndog/00.png,dog\n")
+    with pytest.raises(DataError, match=r"names 2 classes; at most 1"):
+        load_task_data(folder / "names.csv", SPEC)
+
+
 def test_classes_without_training_images_warn(folder: Path) -> None:
     """Integer labels 1 and 5 are indices: classes 0, 2, 3, 4 exist but have no images."""
     rows = [f"{c}/{i:02d}.png,{n}" for c, n in (("cat", 1), ("dog", 5)) for i in range(5)]

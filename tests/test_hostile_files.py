@@ -84,6 +84,9 @@ BAD_FIELDS = {
     "class name as number": ("class_names.0", 7),
     "weights as number": ("metadata.weights", 5),
     "null task name": ("task", None),
+    "input spec as text": ("metadata.input_spec", "x"),
+    "input spec without channels": ("metadata.input_spec", {"size": 3}),
+    "null kept": ("mask.kept", None),
 }
 
 

@@ -534,6 +534,30 @@ def test_no_single_file_chooses_the_backbone(tmp_path: Path) -> None:
     assert all("backbone" in reason for reason in registry.skipped.values())
 
 
+def test_no_file_config_stops_a_start_up(tmp_path: Path) -> None:
+    """A re-signed file whose mask config cannot wrap the backbone (a norm layer as the
+    head), or that selects layers with a regular expression that takes hours to match,
+    neither stops a start-up nor is ever matched: files wrap by their layers' names."""
+    net = create_backbone("timm:test_efficientnet")
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    model = PiggybackModel(net, MaskConfig())
+    tasks = tmp_path / "tasks"
+    recorded = {"backbone": "timm:test_efficientnet", "weights": str(weights)}
+    model.add_task("good", 3, metadata=recorded)
+    model.freeze_task("good")
+    good = model.save_task("good", tasks / "good.safetensors")
+    meta, tensors = read_task_file(good)
+    norm = next(iter(model.norms))
+    hostile = {**meta["config"], "head": norm, "target_modules": "(.*)*(.*)*(.*)*(.*)*X"}
+    write_task_file(tasks / "a0.safetensors", {**meta, "task": "a0", "config": hostile}, tensors)
+    started = time.monotonic()
+    built, spec = build_model(tasks)
+    assert time.monotonic() - started < 30
+    assert built.head_name == model.head_name and built.fingerprint == model.fingerprint
+    assert sorted(TaskRegistry(built, spec, tasks).names) == ["a0", "good"]
+
+
 # ------------------------------------------------------------------ timeouts
 def slow_client(url: str, sent: bytes) -> socket.socket:
     """A connection that sent `sent` and then nothing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,11 @@ def test_round_trip_is_bit_exact(
     paths = piggyback.save(trained, tmp_path)
     assert sorted(p.name for p in paths) == ["a.safetensors", "b.safetensors"]
     loaded = piggyback.load(tmp_path, make_tiny())
-    assert loaded.config == trained.config and loaded.tasks == ["a", "b"]
+    # The files' config, selecting exactly the layers they mask (no file regex is matched).
+    unselected = {"target_modules": None, "exclude_modules": None}
+    assert replace(loaded.config, **unselected) == replace(trained.config, **unselected)
+    assert loaded.config.target_modules == list(trained.masked_layers)
+    assert loaded.tasks == ["a", "b"]
     assert loaded.task_info["a"].class_names == ["x", "y", "z"]
     for task in ("a", "b"):
         for name, mask in trained.masks(task).items():

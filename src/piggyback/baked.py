@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,24 +22,24 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .backbones import InputSpec, create_backbone, input_spec
-from .errors import ConfigError, PiggybackError, TaskFileError
+from .errors import PiggybackError, TaskFileError
 from .layers import new_head
 from .store import read_safetensors, write_atomic
 from .taskmeta import (
     MAX_CLASSES,
+    SPEC_KEY,
     _class_names,
     _metadata,
-    _number,
     _require,
     _text,
-    check_input_size,
+    parse_spec,
+    spec_record,
 )
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
 
 FORMAT = "piggyback-baked"
-SPEC_KEY = "input_spec"  # where a task's metadata records the InputSpec it trained with
 
 
 @dataclass(frozen=True)
@@ -86,29 +86,6 @@ def recorded_spec(metadata: Mapping[str, Any], network: nn.Module, path: str | P
         return parse_spec(metadata[SPEC_KEY], f"metadata.{SPEC_KEY}")
     except TaskFileError as exc:
         raise TaskFileError(f"{path}: {exc}") from exc
-
-
-def spec_record(spec: InputSpec) -> dict[str, Any]:
-    """An InputSpec as JSON values, as files record it (`parse_spec` reads it back)."""
-    return {**asdict(spec), "mean": list(spec.mean), "std": list(spec.std)}
-
-
-def parse_spec(value: Any, where: str) -> InputSpec:
-    """An InputSpec from its untrusted JSON form (`asdict`), or a TaskFileError."""
-    _require(isinstance(value, dict), where, "a JSON object of InputSpec fields", value)
-    check_input_size(value.get("size"), f"{where}.size")
-    for key in ("mean", "std"):
-        channels = value.get(key)
-        ok = isinstance(channels, list) and len(channels) == 3
-        _require(ok, f"{where}.{key}", "a list of 3 numbers (R, G, B)", channels)
-        for channel in channels:
-            _number(-1e6, 1e6)(channel, f"{where}.{key}")
-    _number(0.0, 1.0)(value.get("crop_pct"), f"{where}.crop_pct")
-    _text(16)(value.get("interpolation"), f"{where}.interpolation")
-    try:
-        return InputSpec(**{key: value[key] for key in InputSpec.__dataclass_fields__})
-    except ConfigError as exc:
-        raise TaskFileError(f"task file field {where!r} is not a valid InputSpec: {exc}") from exc
 
 
 def write_baked(

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
-from .baked import spec_record
 from .config import MaskConfig
 from .data import BUILTIN_TASKS, TaskData, load_task_data, make_loader
 from .errors import ConfigError
@@ -26,6 +25,7 @@ from .model import PiggybackModel
 from .recipes import recipe
 from .report import describe_task_file, plot_histories, plot_layer_kept
 from .store import fingerprint, write_atomic
+from .taskmeta import spec_record
 from .train import FitResult, TrainConfig, evaluate, fit
 
 

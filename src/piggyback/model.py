@@ -112,17 +112,17 @@ class PiggybackModel(nn.Module):
         self.masked_layers: dict[str, MaskedLayer]
         self.norms: dict[str, TaskNorm] = {}
         _refuse_untracked_statistics(backbone)
-        wrapped = {  # innermost first: an attention layer's out_proj before the layer
-            name: _replace(backbone, name, MaskedLayer(_get(backbone, name), self.config))
-            for name in reversed(targets)
-        }
-        self.masked_layers = {name: wrapped[name] for name in targets}
+        _refuse_aliases(backbone, [*targets, self.head_name])
+        # Every wrapper is made (and so checked) before the backbone changes: a refusal
+        # leaves the caller's backbone as it was.
+        self.masked_layers = {n: MaskedLayer(_get(backbone, n), self.config) for n in targets}
+        head = TaskHead(_get(backbone, self.head_name))
+        for name in reversed(targets):  # innermost first: an attention's out_proj, then it
+            _replace(backbone, name, self.masked_layers[name])
         for name, module in list(backbone.named_modules()):
             if isinstance(module, NORM_TYPES) and not name.startswith(self.head_name + "."):
                 self.norms[name] = _replace(backbone, name, TaskNorm(module))
-        self.head: TaskHead = _replace(
-            backbone, self.head_name, TaskHead(_get(backbone, self.head_name))
-        )
+        self.head: TaskHead = _replace(backbone, self.head_name, head)
         self.backbone = backbone
         self.task_info: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
@@ -290,7 +290,10 @@ class PiggybackModel(nn.Module):
             >>> model = PiggybackModel(torchvision.models.resnet18())  # doctest: +SKIP
             >>> model.verify_masks(torch.randn(1, 3, 64, 64))  # doctest: +SKIP
         """
-        probe, active, training = "_piggyback_probe", self.active_task, self.training
+        if torch.is_inference_mode_enabled():
+            raise ConfigError("verify_masks needs gradients: call it outside torch.inference_mode")
+        probe, active = "_piggyback_probe", self.active_task
+        modes = {module: module.training for module in self.modules()}
         self.add_task(probe, 2, train_bn=False)
         try:
             self.set_task(probe).eval()
@@ -304,7 +307,9 @@ class PiggybackModel(nn.Module):
             ]
         finally:
             self.remove_task(probe)
-            self.set_task(active).train(training)
+            self.set_task(active)
+            for module, training in modes.items():  # each as it was, not all alike
+                module.training = training
         if silent:
             raise ConfigError(
                 f"the masks of {len(silent)} layers never reach the output (e.g. "
@@ -440,6 +445,19 @@ def _refuse_untracked_statistics(backbone: nn.Module) -> None:
                 f"layer {name!r} ({type(module).__name__}) keeps running statistics but is not "
                 f"a norm type piggyback can freeze ({[t.__name__ for t in NORM_TYPES]}); "
                 "training would change the backbone. Replace it, or subclass a supported norm"
+            )
+
+
+def _refuse_aliases(backbone: nn.Module, names: list[str]) -> None:
+    """A layer registered under two names would be wrapped under one and run unmasked
+    under the other: refuse it, naming both."""
+    first: dict[int, str] = {}
+    for name, module in backbone.named_modules(remove_duplicate=False):
+        if first.setdefault(id(module), name) != name and first[id(module)] in names:
+            raise ConfigError(
+                f"layer {first[id(module)]!r} is also registered as {name!r}; piggyback "
+                "masks a layer under one name only: register it once, or exclude it "
+                "with MaskConfig(exclude_modules=[...])"
             )
 
 

@@ -12,11 +12,10 @@ from torch import nn
 
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone
 from .baked import recorded_spec
-from .config import MaskConfig
 from .data import image_transform
 from .images import open_image
 from .model import PiggybackModel
-from .store import read_task_file
+from .store import read_task_file, task_config
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Prediction:
 def task_source(path: str | Path) -> dict[str, Any]:
     """What a task file says of the backbone and input it was trained with."""
     meta, _ = read_task_file(path)
-    return {"config": meta["config"], **(meta.get("metadata") or {})}
+    return {"config": task_config(meta), **(meta.get("metadata") or {})}
 
 
 def recorded_backbone(
@@ -63,7 +62,7 @@ def open_task(
     net = recorded_backbone(source, backbone=backbone, weights=weights)
     spec = recorded_spec(source, net, path)
     spec = spec if size is None else replace(spec, size=size)
-    model = PiggybackModel(net, MaskConfig.from_dict(source["config"]))
+    model = PiggybackModel(net, source["config"])
     task = model.load_task(path)
     model.set_task(task)
     return model.eval(), task, spec

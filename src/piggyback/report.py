@@ -15,9 +15,10 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .baked import baked_kind, read_baked_header, spec_record
+from .baked import baked_kind, read_baked_header
 from .model import LayerMaskStats
 from .store import read_task_file, task_masks, write_atomic
+from .taskmeta import spec_record
 
 MAX_BARS = 60  # layers in the per-layer plot before it shows blocks of them
 

@@ -30,7 +30,6 @@ from .bits import decode_mask, empirical_entropy_bits, encode_mask
 from .config import MaskConfig
 from .errors import BackboneMismatchError, TaskFileError, TaskFileNotFoundError
 from .layers import NORM_DTYPE
-from .taskmeta import MAX_INPUT_SIZE as MAX_INPUT_SIZE  # the bound task files are held to
 from .taskmeta import check_meta
 
 if TYPE_CHECKING:
@@ -278,6 +277,16 @@ def _check_tensor_kinds(tensors: Mapping[str, torch.Tensor], meta: dict[str, Any
             raise TaskFileError(f"unexpected tensor {key!r} ({tensor.dtype}) in the task file")
 
 
+def task_config(meta: dict[str, Any]) -> MaskConfig:
+    """The MaskConfig to wrap a backbone with for a task file read by `read_task_file`:
+    its own, but selecting exactly the layers it masks by name. A selector from a file
+    is never matched (a crafted regular expression can take hours to match)."""
+    layers = [name for name, _ in meta["mask"]["layers"]]
+    return MaskConfig.from_dict(
+        {**meta["config"], "target_modules": layers or None, "exclude_modules": None}
+    )
+
+
 def task_masks(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The masks of a task file read by `read_task_file`: int8, one per layer,
     weight-shaped. Its sizes were bounded when read; decoding allocates one byte each."""
@@ -321,6 +330,11 @@ def prepare_task(
             f"({type(model.backbone).__name__}): load it onto the backbone it was trained on"
         )
     _check_layers(path, [(n, tuple(s)) for n, s in meta["mask"]["layers"]], model)
+    if meta["backbone"].get("head", model.head_name) != model.head_name:
+        raise BackboneMismatchError(
+            f"{path} replaces the head {meta['backbone']['head']!r}; this model's head is "
+            f"{model.head_name!r}: load it with the same MaskConfig(head=...)"
+        )
     head = _prefixed(tensors, "head.")
     _check_state(path, "head", head, _head_shapes(model, meta["num_classes"]))
     norms: dict[str, dict[str, torch.Tensor]] = {}
@@ -449,7 +463,7 @@ def load(
     if not files:
         raise TaskFileNotFoundError(f"no {SUFFIX} task files in {str(directory)!r}")
     if config is None:
-        config = MaskConfig.from_dict(read_task_file(files[0])[0]["config"])
+        config = task_config(read_task_file(files[0])[0])
     model = PiggybackModel(backbone, config)
     for file in files:
         load_task(model, file)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
+from .backbones import InputSpec
 from .bits import CODECS
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileError
@@ -26,6 +28,7 @@ MAX_MASK_WEIGHTS = 1 << 30  # masked weights: 1.07 billion, above ViT-H (632 mil
 MAX_LAYER_DIMS = 6
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 MASK_KINDS = ("binary", "ternary")
+SPEC_KEY = "input_spec"  # where a task's metadata records the InputSpec it trained with
 
 
 def check_meta(meta: Any, format_version: int) -> None:
@@ -129,7 +132,12 @@ _METADATA: dict[str, Checker] = {
     "val_fraction": _optional(_number(0.0, 1.0)),
     "test_fraction": _optional(_number(0.0, 1.0)),
     "limit": _optional(_integer(1, 1 << 62)),
+    SPEC_KEY: _optional(lambda value, where: _check_spec(value, where)),
 }
+
+
+def _check_spec(value: Any, where: str) -> None:
+    parse_spec(value, where)
 
 
 def _metadata(value: Any, where: str) -> None:
@@ -176,8 +184,8 @@ def _mask(value: Any, where: str) -> None:
     numel = value.get("numel")
     _require(numel == total, f"{where}.numel", f"{total:,} (the sum of its layers)", numel)
     for key in ("bits_per_weight", "entropy_bits_per_weight"):
-        _field(value, key, _number(0.0, 64.0), required=False)
-    _field(value, "kept", _number(0.0, 1.0), required=False)
+        _field(value, key, _number(0.0, 64.0))
+    _field(value, "kept", _number(0.0, 1.0))
     _field(value, "payload_bytes", _integer(0, 1 << 62), required=False)
 
 
@@ -192,3 +200,26 @@ def _layer(value: Any, where: str) -> int:
     for dim in shape:
         _integer(0, MAX_MASK_WEIGHTS)(dim, f"{where}[1]")
     return math.prod(shape)
+
+
+def spec_record(spec: InputSpec) -> dict[str, Any]:
+    """An InputSpec as JSON values, as files record it (`parse_spec` reads it back)."""
+    return {**asdict(spec), "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def parse_spec(value: Any, where: str) -> InputSpec:
+    """An InputSpec from its untrusted JSON form (`asdict`), or a TaskFileError."""
+    _require(isinstance(value, dict), where, "a JSON object of InputSpec fields", value)
+    check_input_size(value.get("size"), f"{where}.size")
+    for key in ("mean", "std"):
+        channels = value.get(key)
+        ok = isinstance(channels, list) and len(channels) == 3
+        _require(ok, f"{where}.{key}", "a list of 3 numbers (R, G, B)", channels)
+        for channel in channels:
+            _number(-1e6, 1e6)(channel, f"{where}.{key}")
+    _number(0.0, 1.0)(value.get("crop_pct"), f"{where}.crop_pct")
+    _text(16)(value.get("interpolation"), f"{where}.interpolation")
+    try:
+        return InputSpec(**{key: value[key] for key in InputSpec.__dataclass_fields__})
+    except ConfigError as exc:
+        raise TaskFileError(f"task file field {where!r} is not a valid InputSpec: {exc}") from exc

@@ -36,6 +36,7 @@ from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
 
 Method = Literal["piggyback", "classifier", "finetune"]
+RESULT = "result.json"  # written last by `fit`: the run is complete
 METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
 
 
@@ -387,6 +388,7 @@ def fit(
     else:
         if main:  # a run killed before its first checkpoint must not resume an older run's
             remove_checkpoint(checkpoint_dir)
+            (out / RESULT).unlink(missing_ok=True)  # nor pass for finished with its result
         if config.method == "piggyback":
             _verify_masks(model, data.train, device)
             run = _norm_pass(config, config.seed)
@@ -496,7 +498,7 @@ def fit(
         warnings=problems,
     )
     if main:
-        write_atomic(out / "result.json", json.dumps(result.to_dict(), indent=2).encode())
+        write_atomic(out / RESULT, json.dumps(result.to_dict(), indent=2).encode())
         if not keep_checkpoint:
             remove_checkpoint(checkpoint_dir)
     distributed.barrier()  # the files are whole before any process goes on

@@ -8,6 +8,7 @@ each task through `train_task`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -164,9 +165,9 @@ def _check_trained_weights(args: argparse.Namespace) -> None:
 def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainConfig) -> None:
     """Load one task's data and `fit` it; rank 0 alone writes settings and prints."""
     from .backbones import DEFAULT_BACKBONE, input_spec
-    from .baked import SPEC_KEY, spec_record
     from .data import load_task_data
     from .distributed import is_main
+    from .taskmeta import SPEC_KEY, spec_record
     from .train import fit
 
     task = args.task or task_name(args.data)
@@ -176,6 +177,8 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
     settings.update(
         backbone=args.backbone or DEFAULT_BACKBONE, task=task, out=str(out), size=spec.size
     )
+    if args.resume and _finished(out, settings):
+        return
     resume = args.resume and _resume_point(out, settings, config.epochs)
     data = load_task_data(
         args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
@@ -204,6 +207,28 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
         )
         for problem in result.warnings:
             print(f"warning: {problem}", file=sys.stderr)
+
+
+def _finished(out: Path, settings: dict[str, Any]) -> bool:
+    """Whether the run in `out` completed (no checkpoint left, and its result names a task
+    file that exists): `--resume` then skips it, saying so, as train-many needs."""
+    from .checkpoint import has_checkpoint
+    from .distributed import is_main
+    from .train import RESULT
+
+    result = out / RESULT
+    if has_checkpoint(out / "checkpoint") or not result.is_file():
+        return False
+    try:
+        task_file = Path(json.loads(result.read_text())["task_file"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if not task_file.is_file():
+        return False
+    _check_same_task(out / "settings.yaml", settings)
+    if is_main():
+        print(f"{settings['task']}: already complete ({task_file}); --resume skips it")
+    return True
 
 
 def _resume_point(out: Path, settings: dict[str, Any], epochs: int) -> bool:

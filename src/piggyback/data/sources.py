@@ -191,11 +191,20 @@ def _csv(path: Path, strict: bool) -> _Opened:
     files = [path.parent / row[0].strip() for _, row in rows]
     raw = [row[1].strip() for _, row in rows]
     if all(re.fullmatch(r"[-+]?\d+", label) for label in raw):
-        labels = [int(label) for label in raw]
-        classes = _index_classes(labels, lambda n: f"{path}:{rows[n][0]}")
+        where = lambda n: f"{path}:{rows[n][0]}"  # noqa: E731
+        # past 19 characters no label is a class index (and int() refuses 4,300 digits)
+        labels = [int(label) if len(label) <= 19 else _not_an_index(label, where(n))
+                  for n, label in enumerate(raw)]  # fmt: skip
+        classes = _index_classes(labels, where)
     else:
         classes = sorted(set(raw))
-        labels = [classes.index(label) for label in raw]
+        if len(classes) > MAX_CLASSES:
+            raise DataError(
+                f"{path} names {len(classes):,} classes; at most {MAX_CLASSES:,} are supported "
+                "(piggyback.data.MAX_CLASSES): is the label column the second one?"
+            )
+        index = {name: i for i, name in enumerate(classes)}
+        labels = [index[label] for label in raw]
     return _Opened(classes, _checked_files(files, labels, strict))
 
 
@@ -211,6 +220,16 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise DataError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
         ) from exc
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KB limit
+        raise DataError(f"{path} is not a readable CSV of 'path,label' rows: {exc}") from exc
+
+
+def _not_an_index(label: object, where: str) -> NoReturn:
+    shown = str(label) if len(str(label)) <= 40 else f"{str(label)[:40]}..."
+    raise DataError(
+        f"{where}: label {shown} is not a class index; integer labels must be in "
+        f"0..{MAX_CLASSES - 1} (piggyback.data.MAX_CLASSES), or use class names"
+    )
 
 
 def _index_classes(labels: Sequence[int], where: Callable[[int], str]) -> list[str]:
@@ -220,10 +239,7 @@ def _index_classes(labels: Sequence[int], where: Callable[[int], str]) -> list[s
     the i-th label's place in errors."""
     for position, label in enumerate(labels):
         if not 0 <= label < MAX_CLASSES:
-            raise DataError(
-                f"{where(position)}: label {label} is not a class index; integer labels must "
-                f"be in 0..{MAX_CLASSES - 1} (piggyback.data.MAX_CLASSES), or use class names"
-            )
+            _not_an_index(label, where(position))
     return [str(i) for i in range(max(labels, default=-1) + 1)]
 
 

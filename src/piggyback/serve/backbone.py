@@ -28,7 +28,7 @@ from ..backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
 from ..config import MaskConfig
 from ..errors import PiggybackError
 from ..model import PiggybackModel
-from ..store import fingerprint, read_task_file, task_files
+from ..store import fingerprint, read_task_file, task_config, task_files
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ def build_model(
 ) -> tuple[PiggybackModel, InputSpec]:
     """An empty model for the tasks in `directory`, and its backbone's input spec.
 
-    The mask config is the one most files of the chosen backbone record (files with
-    another one mask other layers; the registry skips them).
+    The mask config is the one most files of the chosen backbone record that wraps it
+    (selecting exactly the layers those files mask; files masking other layers are
+    skipped by the registry), else the default.
 
     Example:
         >>> model, spec = build_model("tasks/", backbone="resnet18")  # doctest: +SKIP
@@ -62,14 +63,18 @@ def build_model(
         net = create_backbone(backbone, weights=weights)
     else:
         net = _voted(files, None if weights is None else str(weights))
-    own = fingerprint(net)
+    own, spec = fingerprint(net), input_spec(net)
     configs = Counter(
-        json.dumps(meta["config"], sort_keys=True)
+        json.dumps(task_config(meta).to_dict(), sort_keys=True)
         for meta in files.values()
         if meta["backbone"]["fingerprint"] == own
     )
-    config = MaskConfig.from_dict(json.loads(configs.most_common(1)[0][0])) if configs else None
-    return PiggybackModel(net, config).eval(), input_spec(net)
+    for config, _ in configs.most_common():  # a config that does not wrap this net loses
+        try:
+            return PiggybackModel(net, MaskConfig.from_dict(json.loads(config))).eval(), spec
+        except PiggybackError as exc:
+            log.error("task files record a mask config that does not fit the backbone: %s", exc)
+    return PiggybackModel(net).eval(), spec
 
 
 def _readable(paths: list[Path]) -> dict[Path, dict[str, Any]]:
