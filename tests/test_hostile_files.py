@@ -264,3 +264,15 @@ def test_fuzz_of_task_files_gives_only_library_errors(tmp_path: Path) -> None:
     refused = {row["mutator"] for row in payload["counts"] if row["result"] == "refused"}
     assert refused == {"bitflip", "codec", "drop-field", "field", "raw-json", "sizes",
                        "splice", "tensor", "truncate"}  # fmt: skip
+
+
+def test_a_recorded_giant_backbone_is_refused_without_being_built(task_file: Path) -> None:
+    """A file naming a 1-billion-weight net whose layers are not its own: refused from
+    the net's shapes on the meta device, before any weight is allocated."""
+    from piggyback.pipeline import open_task
+
+    rewrite_metadata(task_file, metadata={"backbone": "vit_giant_patch14_224", "size": 8})
+    started = time.perf_counter()
+    with pytest.raises(BackboneMismatchError, match="'stem' does not exist there"):
+        open_task(task_file)
+    assert time.perf_counter() - started < 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from torch import nn
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone
 from .baked import recorded_spec
 from .data import image_transform
+from .errors import BackboneMismatchError, ConfigError
 from .images import open_image
+from .layers import masked_parameter
 from .model import PiggybackModel
 from .store import read_task_file, task_config
 
@@ -31,19 +34,45 @@ class Prediction:
 
 
 def task_source(path: str | Path) -> dict[str, Any]:
-    """What a task file says of the backbone and input it was trained with."""
+    """What a task file says of the backbone and input it was trained with (its
+    metadata, then the config to wrap with and the masked layers' shapes)."""
     meta, _ = read_task_file(path)
-    return {"config": task_config(meta), **(meta.get("metadata") or {})}
+    layers = {name: tuple(shape) for name, shape in meta["mask"]["layers"]}
+    return {**(meta.get("metadata") or {}), "config": task_config(meta), "layers": layers}
 
 
 def recorded_backbone(
     source: dict[str, Any], *, backbone: str | None = None, weights: str | Path | None = None
 ) -> nn.Module:
     """The backbone a task file records (see `task_source`), unless `backbone` / `weights`
-    name another; the embedded default when nothing is recorded."""
+    name another; the embedded default when nothing is recorded. A recorded name is
+    first built on the meta device, without memory, and must have the file's masked
+    layers: a file cannot make this process build some large network for nothing."""
     name = backbone or source.get("backbone") or DEFAULT_BACKBONE
     weights = weights if weights is not None else source.get("weights")
+    if backbone is None and "layers" in source:
+        check_recorded_layers(name, source["layers"])
     return create_backbone(name, weights=weights)
+
+
+def check_recorded_layers(name: str, layers: dict[str, tuple[int, ...]]) -> None:
+    """Raise BackboneMismatchError unless backbone `name`, built on the meta device (no
+    memory, no download), has `layers` (masked layer name -> weight shape)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # loading real weights into meta tensors is a no-op
+        network = create_backbone(name)
+    for layer, shape in layers.items():
+        try:
+            module = network.get_submodule(layer)
+            found = tuple(getattr(module, masked_parameter(module)).shape)
+        except (AttributeError, ConfigError):
+            found = None
+        if found != shape:
+            raise BackboneMismatchError(
+                f"the task file records backbone {name!r}, but its layer {layer!r} "
+                f"{'is ' + str(found) if found else 'does not exist'} there (the file masks "
+                f"{shape}): pass the backbone it was trained on with --backbone/--weights"
+            )
 
 
 def open_task(

@@ -28,6 +28,7 @@ from ..backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
 from ..config import MaskConfig
 from ..errors import PiggybackError
 from ..model import PiggybackModel
+from ..pipeline import check_recorded_layers
 from ..store import fingerprint, read_task_file, task_config, task_files
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def _voted(files: dict[Path, dict[str, Any]], weights: str | None) -> nn.Module:
     """The backbone that most files record and that builds as recorded."""
     votes: Counter[_Record] = Counter()
     oldest: dict[_Record, float] = {}
+    layers: dict[_Record, dict[str, tuple[int, ...]]] = {}
     for path, meta in files.items():
         extra = meta.get("metadata") or {}
         record = _Record(
@@ -102,8 +104,10 @@ def _voted(files: dict[Path, dict[str, Any]], weights: str | None) -> nn.Module:
         )
         votes[record] += 1
         oldest[record] = min(oldest.get(record, float("inf")), path.stat().st_mtime)
+        layers.setdefault(record, {n: tuple(s) for n, s in meta["mask"]["layers"]})
     for record in sorted(votes, key=lambda r: (-votes[r], oldest[r])):
-        try:
+        try:  # sized on the meta device first: a file cannot make us build a giant
+            check_recorded_layers(record.backbone, layers[record])
             net = create_backbone(record.backbone, weights=record.weights)
         except Exception as exc:  # a name or path from a file: any library may fail on it
             log.error("task files record backbone %s that does not build: %s", record, exc)
