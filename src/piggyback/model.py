@@ -58,8 +58,13 @@ class LayerMaskStats:
             name,
             numel,
             kept=int(torch.count_nonzero(mask)) * share,
-            negative=int(torch.count_nonzero(mask < 0)) * share if mask.is_signed() else 0.0,
+            negative=int(torch.count_nonzero(mask < 0)) * share if _has_negatives(mask) else 0.0,
         )
+
+
+def _has_negatives(mask: torch.Tensor) -> bool:
+    """A reduction, so binary masks skip the full-size comparison `mask < 0` allocates."""
+    return mask.is_signed() and mask.numel() > 0 and bool(mask.min() < 0)
 
 
 @dataclass(frozen=True)
