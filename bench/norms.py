@@ -22,7 +22,7 @@ from safetensors.torch import save as safetensors_save
 
 from piggyback.data import load_task_data, make_loader
 from piggyback.pipeline import open_task, task_source
-from piggyback.store import read_safetensors
+from piggyback.store import read_safetensors, read_task_file
 from piggyback.train import evaluate
 
 
@@ -48,7 +48,7 @@ def top1(model: Any, task: str, source: dict[str, Any], spec: Any) -> float:
 
 def measure(path: Path) -> dict[str, Any]:
     model, task, spec = open_task(path)
-    source = task_source(path)
+    source = task_source(read_task_file(path)[0])
     originals = fp32_norms(path.parent / "checkpoint" / "state.safetensors", task)
     row: dict[str, Any] = {"task file": "/".join(path.parts[-4:]), "norm layers": len(originals)}
     row["fp16 stored"] = top1(model, task, source, spec)

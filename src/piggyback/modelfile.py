@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
 from . import baked, store
 from .baked import ModelInfo, baked_kind, read_baked, task_model_info
-from .errors import ConfigError, TaskFileError, TaskFileNotFoundError
+from .errors import ConfigError, TaskFileError
 from .pipeline import Prediction, open_task, preprocess, rank
 
 FORMATS = (store.FORMAT, baked.FORMAT)
@@ -44,15 +43,7 @@ def file_format(path: str | Path) -> str:
     """The format a piggyback model file's header names (one of `FORMATS`), read without its
     tensors; anything else is a TaskFileError that says what is accepted."""
     path = Path(path)
-    if not path.is_file():
-        raise TaskFileNotFoundError(f"model file {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises several kinds on a damaged file
-        raise TaskFileError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+    header, _ = store.read_safetensors(path, "model file", tensors=False)
     found = header.get("format")
     if found not in FORMATS:
         raise TaskFileError(

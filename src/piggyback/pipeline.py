@@ -18,7 +18,7 @@ from .errors import BackboneMismatchError, ConfigError
 from .images import open_image
 from .layers import masked_parameter
 from .model import PiggybackModel
-from .store import read_task_file, task_config
+from .store import load_task, read_task_file, task_config
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class Prediction:
         return {"labels": self.labels, "indices": self.indices, "probabilities": self.probabilities}
 
 
-def task_source(path: str | Path) -> dict[str, Any]:
-    """What a task file says of the backbone and input it was trained with (its
-    metadata, then the config to wrap with and the masked layers' shapes)."""
-    meta, _ = read_task_file(path)
+def task_source(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a task file's metadata (from `read_task_file`) says of the backbone and input
+    it was trained with: its metadata, then the config to wrap with and the masked
+    layers' shapes."""
     layers = {name: tuple(shape) for name, shape in meta["mask"]["layers"]}
     return {**(meta.get("metadata") or {}), "config": task_config(meta), "layers": layers}
 
@@ -87,12 +87,13 @@ def open_task(
     Returns the model (task active, eval mode), the task's name and the input spec
     it trained with (at `size` when given).
     """
-    source = task_source(path)
+    contents = read_task_file(path)  # once: checksummed here, checked against the model below
+    source = task_source(contents[0])
     net = recorded_backbone(source, backbone=backbone, weights=weights)
     spec = recorded_spec(source, net, path)
     spec = spec if size is None else replace(spec, size=size)
     model = PiggybackModel(net, source["config"])
-    task = model.load_task(path)
+    task = load_task(model, path, read=contents)
     model.set_task(task)
     return model.eval(), task, spec
 

@@ -211,19 +211,22 @@ def changed_norm_tensors(trained: nn.Module, base: nn.Module) -> dict[str, torch
     }
 
 
-def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Header metadata and tensors of a safetensors file; damage is a TaskFileError."""
+def read_safetensors(
+    path: Path, what: str, *, tensors: bool = True
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header metadata and tensors (none unless `tensors`) of a safetensors file; damage
+    is a TaskFileError."""
     if not path.is_file():
         raise TaskFileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            keys = handle.keys() if tensors else []
+            return header, {key: handle.get_tensor(key) for key in keys}
     except Exception as exc:  # safetensors raises several kinds on a damaged file
         raise TaskFileError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
         ) from exc
-    return header, tensors
 
 
 def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -313,13 +316,21 @@ class PreparedTask:
     metadata: dict[str, Any]
 
 
+TaskFileContents = tuple[dict[str, Any], dict[str, torch.Tensor]]  # of `read_task_file`
+
+
 def prepare_task(
-    model: PiggybackModel, path: str | Path, *, name: str | None = None
+    model: PiggybackModel,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    read: TaskFileContents | None = None,
 ) -> PreparedTask:
     """Read the task file at `path` and check it against `model` (backbone fingerprint,
     layer shapes, head and norm tensors, a free name), decoding its masks: the slow
-    and untrusted half of `load_task`, which leaves `model` untouched."""
-    meta, tensors = read_task_file(path)
+    and untrusted half of `load_task`, which leaves `model` untouched. `read`: what
+    `read_task_file(path)` returned, for a caller that already read the file."""
+    meta, tensors = read_task_file(path) if read is None else read
     task = meta["task"] if name is None else name
     model.check_new_task_name(task)
     stored = meta["backbone"]["fingerprint"]
@@ -385,10 +396,16 @@ def install_task(model: PiggybackModel, task: PreparedTask) -> str:
     return task.name
 
 
-def load_task(model: PiggybackModel, path: str | Path, *, name: str | None = None) -> str:
+def load_task(
+    model: PiggybackModel,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    read: TaskFileContents | None = None,
+) -> str:
     """Add the task stored at `path` to `model` (as a stored, packed-mask task); on any
-    error the model is left exactly as it was."""
-    return install_task(model, prepare_task(model, path, name=name))
+    error the model is left exactly as it was. `read` as for `prepare_task`."""
+    return install_task(model, prepare_task(model, path, name=name, read=read))
 
 
 def _head_shapes(model: PiggybackModel, num_classes: int) -> dict[str, torch.Size]:

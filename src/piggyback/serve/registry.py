@@ -270,7 +270,8 @@ class TaskRegistry:
         The header is read first for what the server itself refuses (a task already
         served, too large an input) before any mask is decoded.
         """
-        meta = read_task_file(path)[0]
+        contents = read_task_file(path)
+        meta = contents[0]
         existing = self._entries.get(meta["task"])
         if existing is not None:
             raise TaskExistsError(
@@ -278,7 +279,7 @@ class TaskRegistry:
                 "remove it first"
             )
         spec = self._input(path, meta)
-        prepared = prepare_task(self.model, path)
+        prepared = prepare_task(self.model, path, read=contents)
         entry = TaskEntry(
             name=prepared.name,
             path=path,
