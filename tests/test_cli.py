@@ -125,7 +125,9 @@ def test_unreadable_training_images_give_one_clean_warning(tmp_path: Path) -> No
     assert "UserWarning" not in result.stderr and "Warning:" not in result.stderr
 
 
-VERBS = ("train", "train-many", "eval", "predict", "inspect", "export", "demo")
+VERBS = (
+    "train", "train-many", "eval", "predict", "inspect", "export", "demo", "serve", "backbones",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -439,5 +441,6 @@ def test_resume_skips_a_run_that_completed(
     written = task_file.stat().st_mtime_ns
     capsys.readouterr()
     assert main([*run, "--resume"]) == 0
-    assert "already complete" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "already complete" in said and "--keep-checkpoint" in said and "--force" in said
     assert task_file.stat().st_mtime_ns == written

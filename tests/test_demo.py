@@ -32,6 +32,8 @@ def test_quick_demo(tmp_path: Path) -> None:
         row = rows[(task, "piggyback")]
         assert row["reloaded_test_top1"] == row["test_top1"], "task files must reload exactly"
         assert (tmp_path / "tasks" / f"{task}.safetensors").exists()  # what `serve` takes
+        recorded = json.loads((tmp_path / "tasks" / task / "result.json").read_text())
+        assert Path(recorded["task_file"]).is_file(), "the run's result names its task file"
         assert (tmp_path / f"{task}_layers.png").stat().st_size > 1000
         baseline = tmp_path / "baselines" / f"{task}-classifier"
         assert rows[(task, "classifier")]["file"] == f"{baseline}/{task}-classifier.safetensors"

@@ -68,7 +68,7 @@ def test_degenerate_tasks_are_named() -> None:
     (collapsed,) = degenerate_task_problems(0.11, 10, 0.9)
     assert "at chance" in collapsed and "--lr" in collapsed and "--no-train-bn" in collapsed
     (unmasked,) = degenerate_task_problems(0.9, 10, 1.0)
-    assert "keeps every weight" in unmasked and "--method classifier" in unmasked
+    assert "keeps every weight" in unmasked and "--lr" in unmasked
     assert degenerate_task_problems(0.52, 2, None)  # two classes: 0.5 is chance
 
 

@@ -51,6 +51,7 @@ from piggyback.serve import (
     build_model,
     create_app,
     running,
+    startup_lines,
 )
 from piggyback.store import FORMAT, write_task_file
 
@@ -398,6 +399,17 @@ def test_start_up_skips_bad_files(own_dir: Path, tmp_path: Path) -> None:
         assert needle in skipped["reason"], (kind, skipped)
     assert str(own_dir) not in json.dumps(health), "reasons name files, not server paths"
     assert sorted(t["name"] for t in listing["tasks"]) == sorted(TASKS)
+
+
+def test_start_up_says_the_backbone_the_tasks_and_what_it_skipped(own_dir: Path) -> None:
+    (own_dir / "0-bad.safetensors").write_bytes(b"not a task file")
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    app = create_app(model, SPEC, own_dir, ServeConfig())
+    first, skipped, access = startup_lines(app, "cpu")
+    assert first.startswith(f"backbone TinyNet (fingerprint {model.fingerprint[:16]}) on cpu")
+    assert first.endswith(f"{len(TASKS)} task(s): {', '.join(sorted(TASKS))}")
+    assert skipped.startswith("warning: skipped 0-bad.safetensors: ")
+    assert access == ServeConfig().access
 
 
 def test_input_size_is_bounded(own_dir: Path, tmp_path: Path) -> None:

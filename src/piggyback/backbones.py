@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
@@ -70,6 +72,16 @@ class InputSpec:
             )
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+
+    def describe(self) -> str:
+        """The preprocessing in words, for anyone feeding the model without piggyback (an
+        ONNX runtime): images are cropped square, never squashed."""
+        return (
+            f"RGB image; resize its shorter side to {math.floor(self.size / self.crop_pct)} "
+            f"px (floor(size / crop_pct)), {self.interpolation}, antialiased; crop the centre "
+            f"{self.size}x{self.size}; scale to [0, 1]; per channel subtract mean "
+            f"{list(self.mean)} and divide by std {list(self.std)}; float32 NCHW"
+        )
 
 
 _EMBEDDED_SPEC = InputSpec(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
@@ -141,7 +153,8 @@ def _resolve(name: str) -> tuple[str, str]:
     close = difflib.get_close_matches(rest if sep else name, candidates, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}; " if close else ""
     raise ConfigError(
-        f"unknown backbone {name!r}; {hint}piggyback.backbones.list_backbones() lists all"
+        f"unknown backbone {name!r}; {hint}`piggyback backbones` lists all "
+        "(piggyback.backbones.list_backbones() in Python)"
     )
 
 
@@ -193,6 +206,14 @@ def create_backbone(
     if weights is not None:
         _load_weights_file(model, weights)
     return model
+
+
+def meta_backbone(name: str) -> nn.Module:
+    """Backbone `name` built on the meta device: its shapes without its memory, weights
+    or any download (to check a file's layers or estimate memory before building it)."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # loading real weights into meta tensors is a no-op
+        return create_backbone(name)
 
 
 def _load_embedded(model: nn.Module, path: Path) -> None:

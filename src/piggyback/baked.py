@@ -60,6 +60,7 @@ class ModelInfo:
             "num_classes": str(self.num_classes),
             "class_names": json.dumps(self.class_names),
             SPEC_KEY: json.dumps(spec_record(self.spec)),
+            "preprocessing": self.spec.describe(),
             "metadata": json.dumps(self.metadata),
         }
 

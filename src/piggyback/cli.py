@@ -22,13 +22,13 @@ import yaml
 from . import verbs
 from .errors import ConfigError, PiggybackError
 from .recipes import RECIPES
-from .trainrun import read_config_file, read_tasks_file, task_name
+from .trainrun import default_out, read_config_file, read_tasks_file, task_name
 
 EXIT_USAGE = 2
 HELP_WIDTH = 78  # columns of a description in --help, as argparse wraps flags' help
 # `train-many` flags that override the tasks file for every task.
 MANY_OVERRIDES = (
-    "device", "amp", "sync_bn", "num_workers", "resume", "keep_checkpoint", "progress",
+    "device", "amp", "sync_bn", "num_workers", "resume", "keep_checkpoint", "force", "progress",
 )  # fmt: skip
 
 
@@ -45,11 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"piggyback {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to go on after Ctrl-C, for the verbs that train."""
+    if args.command not in ("train", "train-many"):
+        return ""
+    return (
+        ": the same command with --resume goes on from the last completed epoch (each run "
+        "folder's checkpoint/)"
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -97,8 +107,10 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
             "piggyback train --config task.yaml --lr 1e-3    # flags override the file",
             "piggyback train --data digits --size 64 --resume  # go on after an interruption",
         ],
-        "Writes TASK.safetensors, metrics.jsonl (one line per epoch), result.json and "
-        "settings.yaml into --out.",
+        "Writes TASK.safetensors (TASK.finetuned.safetensors with --method finetune), "
+        "metrics.jsonl (one line per epoch), result.json and settings.yaml into --out, "
+        "and refuses a folder holding another run's results or checkpoint unless given "
+        "--resume or --force.",
     )
     train.add_argument(
         "--config", type=Path, metavar="FILE",
@@ -114,8 +126,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--task", help="the task's name, also its file's (default: from --data)")
     group.add_argument(
         "--size", type=int, metavar="PIXELS",
-        help="images are resized to PIXELS x PIXELS (default: the backbone's own, 224 for "
-        "the embedded one)",
+        help="input size: each image's shorter side is resized to PIXELS / crop_pct (the "
+        "backbone's, 1.0 as trained), then the centre PIXELS x PIXELS is cropped (default: the "
+        "backbone's own size, 224 for the embedded one; at most 2,048)",
     )  # fmt: skip
     group.add_argument(
         "--limit", type=int, metavar="N",
@@ -224,8 +237,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
     group = train.add_argument_group("output")
     group.add_argument(
-        "--out", type=Path, metavar="DIR", help="where the run's files go (default: runs/TASK)"
-    )
+        "--out", type=Path, metavar="DIR",
+        help="where the run's files go (default: runs/TASK, runs/TASK-METHOD for a baseline)",
+    )  # fmt: skip
     _add_run_flags(group)
     train.set_defaults(handler=_train, **(train_defaults or {}))
 
@@ -241,8 +255,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "tasks_file", type=Path, metavar="TASKS.yaml", help="shared settings and a tasks: list"
     )
     many.add_argument(
-        "--out", type=Path, metavar="DIR", help="task T goes to DIR/T (default: runs)"
-    )
+        "--out", type=Path, metavar="DIR",
+        help="task T goes to DIR/T, a baseline to DIR/T-METHOD (default: runs)",
+    )  # fmt: skip
     group = many.add_argument_group(
         "for every task, overriding the file", argument_default=argparse.SUPPRESS
     )
@@ -365,31 +380,93 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     _add_progress_flag(demo)
     demo.set_defaults(handler=verbs.demo_command)
 
-    serve = commands.add_parser("serve", help="serve a folder of task files over HTTP")
+    listing = _verb(
+        commands,
+        "backbones",
+        "list the backbone names that train, eval and serve accept",
+        ["piggyback backbones", "piggyback backbones resnet"],
+        "The embedded default first (pretrained, offline), then torchvision:NAME and "
+        "timm:NAME; other names than the embedded one need --pretrained (a network) or "
+        "--weights FILE to be trained on.",
+    )
+    listing.add_argument("pattern", nargs="?", help="only names containing this text")
+    listing.set_defaults(handler=verbs.backbones_command)
+
+    from .serve.config import ServeConfig
+
+    limits = ServeConfig()
+    serve = _verb(
+        commands,
+        "serve",
+        "serve every task file of a folder over HTTP, on one backbone",
+        [
+            "piggyback serve --tasks runs/demo/tasks",
+            "piggyback serve --tasks tasks/ --admin-token s3cret --host 0.0.0.0 --port 8080",
+        ],
+        "POST /predict takes images and a task name; GET /tasks and /health say what is "
+        "served. Needs `pip install 'piggyback[serve]'`; what the server trusts and its "
+        "limits are in docs/security.md.",
+    )
     serve.add_argument("--tasks", type=Path, required=True, help="folder of task files")
-    serve.add_argument("--backbone", help="default: what the task files record")
-    serve.add_argument("--weights", type=Path, help="local state_dict file for the backbone")
-    serve.add_argument("--size", type=int, help="input size (default: each task's own)")
-    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--backbone", metavar="NAME",
+        help="the backbone to serve on (default: the one the task files record)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--weights", type=Path, metavar="FILE", help="local state_dict file for the backbone"
+    )
+    serve.add_argument(
+        "--size", type=int, metavar="PIXELS", help="input size (default: each task's own)"
+    )
+    serve.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     group = serve.add_argument_group("access (uploads and deletions are off without a token)")
-    group.add_argument("--admin-token", help="allows task upload/delete with this bearer token")
+    group.add_argument(
+        "--admin-token",
+        help="allows task upload/delete with this bearer token (or $PIGGYBACK_ADMIN_TOKEN)",
+    )
     group.add_argument(
         "--allow-unauthenticated-writes",
         action="store_true",
         help="let anyone upload and delete tasks (no admin token)",
     )
-    group.add_argument("--read-token", help="guards /predict and GET /tasks too")
-    group = serve.add_argument_group("limits and batching (defaults: piggyback.serve.ServeConfig)")
-    group.add_argument("--max-upload-mb", type=float, help="largest request body")
-    group.add_argument("--max-input-size", type=int, help="largest input size (px) a task may ask")
-    group.add_argument("--max-request-pixels", type=int, help="decoded pixels per request")
-    group.add_argument("--header-timeout", type=float, help="seconds to send a request head")
-    group.add_argument("--body-timeout", type=float, help="seconds to send a request body")
-    group.add_argument("--batch-window-ms", type=float, help="wait this long to fill a batch")
-    group.add_argument("--max-batch", type=int, help="images per batch and per request")
-    group.add_argument("--cache-size", type=int, help="tasks kept baked (0: none)")
+    group.add_argument(
+        "--read-token", help="guards /predict and GET /tasks too (or $PIGGYBACK_READ_TOKEN)"
+    )
+    group = serve.add_argument_group("limits and batching")
+    group.add_argument(
+        "--max-upload-mb", type=float, default=limits.max_upload_mb, help="largest request body"
+    )
+    group.add_argument(
+        "--max-input-size", type=int, default=limits.max_input_size,
+        help="largest input size (px) a task may ask",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-request-pixels", type=int, default=limits.max_request_pixels,
+        help="decoded pixels per request",
+    )  # fmt: skip
+    group.add_argument(
+        "--header-timeout", type=float, default=limits.header_timeout_s,
+        help="seconds a client may take to send a request head",
+    )  # fmt: skip
+    group.add_argument(
+        "--body-timeout", type=float, default=limits.body_timeout_s,
+        help="seconds a client may take to send a request body",
+    )  # fmt: skip
+    group.add_argument(
+        "--batch-window-ms", type=float, default=limits.batch_window_ms,
+        help="how long a request waits for others to share its batch",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-batch", type=int, default=limits.max_batch,
+        help="images per batch and per request",
+    )  # fmt: skip
+    group.add_argument(
+        "--cache-size", type=int, default=limits.cache_size, help="tasks kept baked (0: none)"
+    )
     serve.set_defaults(handler=_serve)
     return parser
 
@@ -425,6 +502,12 @@ def _add_run_flags(group: Any) -> None:
         action="store_true",
         help="go on from the run folder's checkpoint/ after an interruption; the settings "
         "that define the task (data, size, backbone, method, masks) must be the run's",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a run folder that holds another run's results or checkpoint, "
+        "deleting them (without it such a folder is refused)",
     )
     group.add_argument(
         "--keep-checkpoint",
@@ -523,7 +606,7 @@ def _task_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
             raise ConfigError(
                 f"{args.tasks_file}: two tasks are named {run.task!r}; name one with task:"
             )
-        run.out = root / run.task
+        run.out = default_out(run.task, run.method, root)
         runs.append(run)
     return runs
 
@@ -532,27 +615,24 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from .serve import ServeConfig, build_model, create_app, run
+        from .serve import ServeConfig, build_model, create_app, run, startup_lines
     except ImportError as exc:
         raise ConfigError(
             f"`piggyback serve` needs {exc.name}: pip install fastapi uvicorn python-multipart"
         ) from exc
 
-    flags = {
-        "max_upload_mb": args.max_upload_mb,
-        "max_input_size": args.max_input_size,
-        "max_request_pixels": args.max_request_pixels,
-        "header_timeout_s": args.header_timeout,
-        "body_timeout_s": args.body_timeout,
-        "batch_window_ms": args.batch_window_ms,
-        "max_batch": args.max_batch,
-        "cache_size": args.cache_size,
-    }
     config = ServeConfig(
         admin_token=args.admin_token or os.environ.get("PIGGYBACK_ADMIN_TOKEN"),
         read_token=args.read_token or os.environ.get("PIGGYBACK_READ_TOKEN"),
         allow_unauthenticated_writes=args.allow_unauthenticated_writes,
-        **{key: value for key, value in flags.items() if value is not None},
+        max_upload_mb=args.max_upload_mb,
+        max_input_size=args.max_input_size,
+        max_request_pixels=args.max_request_pixels,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        batch_window_ms=args.batch_window_ms,
+        max_batch=args.max_batch,
+        cache_size=args.cache_size,
     )
     from .train import resolve_device
 
@@ -560,7 +640,8 @@ def _serve(args: argparse.Namespace) -> int:
     model, spec = build_model(args.tasks, backbone=args.backbone, weights=args.weights)
     model.to(device)
     app = create_app(model, spec, args.tasks, config, size=args.size)
-    print(config.access, flush=True)
+    for line in startup_lines(app, device):
+        print(line, flush=True)
     if config.allow_unauthenticated_writes and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: anyone reaching {args.host} may add or delete tasks; set --admin-token")
     run(app, host=args.host, port=args.port)

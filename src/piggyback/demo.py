@@ -26,7 +26,7 @@ from .recipes import recipe
 from .report import describe_task_file, plot_histories, plot_layer_kept
 from .store import fingerprint, write_atomic
 from .taskmeta import spec_record
-from .train import FitResult, TrainConfig, evaluate, fit
+from .train import RESULT, FitResult, TrainConfig, evaluate, fit
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ def _fit_method(
     result = fit(model, name, data, config, run_dir, metadata=metadata)
     if method == "piggyback" and result.task_file is not None:
         result.task_file = result.task_file.replace(out / "tasks" / f"{task}.safetensors")
+        write_atomic(run_dir / RESULT, json.dumps(result.to_dict(), indent=2).encode())
     if method != "piggyback":
         model.remove_task(name)  # baselines are compared, not kept in the multi-task model
     return result

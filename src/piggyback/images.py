@@ -107,7 +107,12 @@ def checked_image(
             too_many_pixels=True,
         ) from exc
     except Exception as exc:  # PIL's decoders raise many kinds on malformed data
-        raise DataError(f"cannot read {what} ({type(exc).__name__}: {exc})") from exc
+        # PIL names a file-like source by its repr (`<_io.BytesIO object at 0x...>`): not
+        # for a user's eyes, and `what` already says which image it is.
+        detail = str(exc)
+        if not isinstance(source, (str, Path)):
+            detail = detail.replace(f" {source!r}", "")
+        raise DataError(f"cannot read {what} ({type(exc).__name__}: {detail})") from exc
 
 
 def _check_geometry(image: Image.Image, what: str, max_pixels: int) -> None:

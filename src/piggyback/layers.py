@@ -248,11 +248,13 @@ class TaskNorm(TaskModule):
 
     def freeze_task(self, task: str) -> None:
         """Round the task's own floating-point tensors to NORM_DTYPE, the precision task
-        files keep, so the trained model and the one loaded from its file are the same."""
+        files keep, so the trained model and the one loaded from its file are the same.
+        A tensor still equal to the backbone's is left exact: files do not store it."""
         if task in self.norms:
+            base = self.base_layer.state_dict()
             with torch.no_grad():
-                for value in self.norms[task].state_dict().values():
-                    if value.is_floating_point():
+                for key, value in self.norms[task].state_dict().items():
+                    if value.is_floating_point() and not torch.equal(value, base[key]):
                         value.copy_(value.to(NORM_DTYPE))
 
     def layer_for(self, task: str | None) -> nn.Module:

@@ -395,9 +395,14 @@ class PiggybackModel(nn.Module):
 
     # -------------------------------------------------------------- storage
     def save_task(self, task: str, path: str | Path) -> Path:
-        """Write one task to a safetensors file (atomic); see `piggyback.store`."""
+        """Write one task to a safetensors file (atomic); see `piggyback.store`. The task's
+        own norm layers are rounded to the 16 bits the file keeps, in memory too: the
+        model a user keeps running is the one they saved."""
         from .store import save_task
 
+        self._check_task(task)
+        for norm in self.norms.values():
+            norm.freeze_task(task)
         return save_task(self, task, path)
 
     def load_task(self, path: str | Path, name: str | None = None) -> str:

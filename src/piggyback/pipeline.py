@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone
+from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, meta_backbone
 from .baked import recorded_spec
 from .data import image_transform
 from .errors import BackboneMismatchError, ConfigError
@@ -19,6 +18,7 @@ from .images import open_image
 from .layers import masked_parameter
 from .model import PiggybackModel
 from .store import load_task, read_task_file, task_config
+from .taskmeta import RANDOM_KEY
 
 
 @dataclass(frozen=True)
@@ -45,34 +45,48 @@ def recorded_backbone(
     source: dict[str, Any], *, backbone: str | None = None, weights: str | Path | None = None
 ) -> nn.Module:
     """The backbone a task file records (see `task_source`), unless `backbone` / `weights`
-    name another; the embedded default when nothing is recorded. A recorded name is
-    first built on the meta device, without memory, and must have the file's masked
-    layers: a file cannot make this process build some large network for nothing."""
-    name = backbone or source.get("backbone") or DEFAULT_BACKBONE
+    name another; the embedded default when nothing is recorded. A name is first built
+    on the meta device, without memory, and must have the file's masked layers: a file
+    cannot make this process build some large network for nothing, and a wrong
+    `backbone` is one short error. A backbone the file records as random is rebuilt from
+    its recorded seed, as training built it."""
+    recorded = source.get("backbone") or DEFAULT_BACKBONE
+    name = backbone or recorded
     weights = weights if weights is not None else source.get("weights")
-    if backbone is None and "layers" in source:
-        check_recorded_layers(name, source["layers"])
+    if "layers" in source:
+        check_recorded_layers(name, source["layers"], trained_on=backbone and recorded)
+    if source.get(RANDOM_KEY) is True and weights is None and name == recorded:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.get("seed") or 0)
+            return create_backbone(name)
     return create_backbone(name, weights=weights)
 
 
-def check_recorded_layers(name: str, layers: dict[str, tuple[int, ...]]) -> None:
+def check_recorded_layers(
+    name: str, layers: dict[str, tuple[int, ...]], *, trained_on: str | None = None
+) -> None:
     """Raise BackboneMismatchError unless backbone `name`, built on the meta device (no
-    memory, no download), has `layers` (masked layer name -> weight shape)."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # loading real weights into meta tensors is a no-op
-        network = create_backbone(name)
+    memory, no download), has `layers` (masked layer name -> weight shape). `trained_on`:
+    the backbone the file records, when `name` was given in its place."""
+    network = meta_backbone(name)
     for layer, shape in layers.items():
         try:
             module = network.get_submodule(layer)
             found = tuple(getattr(module, masked_parameter(module)).shape)
         except (AttributeError, ConfigError):
             found = None
-        if found != shape:
+        if found == shape:
+            continue
+        if trained_on:
             raise BackboneMismatchError(
-                f"the task file records backbone {name!r}, but its layer {layer!r} "
-                f"{'is ' + str(found) if found else 'does not exist'} there (the file masks "
-                f"{shape}): pass the backbone it was trained on with --backbone/--weights"
+                f"the task file was trained on backbone {trained_on!r}; {name!r} does not "
+                f"have its masked layers: leave out --backbone (or pass {trained_on!r})"
             )
+        raise BackboneMismatchError(
+            f"the task file records backbone {name!r}, but its layer {layer!r} "
+            f"{'is ' + str(found) if found else 'does not exist'} there (the file masks "
+            f"{shape}): pass the backbone it was trained on with --backbone/--weights"
+        )
 
 
 def open_task(

@@ -29,6 +29,9 @@ MAX_LAYER_DIMS = 6
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 MASK_KINDS = ("binary", "ternary")
 SPEC_KEY = "input_spec"  # where a task's metadata records the InputSpec it trained with
+# Set in a task's metadata when its backbone had random weights: built after seeding
+# torch with metadata["seed"], which is how eval and predict rebuild it.
+RANDOM_KEY = "random_backbone"
 
 
 def check_meta(meta: Any, format_version: int) -> None:
@@ -47,6 +50,13 @@ def check_meta(meta: Any, format_version: int) -> None:
     _field(meta, "mask", _mask)
     if format_version < 3:  # later formats keep the checksum beside the metadata
         _field(meta, "checksum", _text(64))
+
+
+def check_task_fields(task: Any, metadata: Any) -> None:
+    """The fields a training run writes (the task's name, its metadata) as `check_meta`
+    will check them when the file is read: a run refuses what its file could not load."""
+    _field({"task": task}, "task", _text(128))
+    _field({"metadata": metadata}, "metadata", _metadata)
 
 
 def check_input_size(size: Any, where: str) -> None:
@@ -133,6 +143,7 @@ _METADATA: dict[str, Checker] = {
     "test_fraction": _optional(_number(0.0, 1.0)),
     "limit": _optional(_integer(1, 1 << 62)),
     SPEC_KEY: _optional(lambda value, where: _check_spec(value, where)),
+    RANDOM_KEY: _optional(_boolean),
 }
 
 

@@ -38,6 +38,7 @@ from .store import write_atomic
 Method = Literal["piggyback", "classifier", "finetune"]
 RESULT = "result.json"  # written last by `fit`: the run is complete
 METHODS: tuple[str, ...] = ("piggyback", "classifier", "finetune")
+MIN_IMAGES_PER_CLASS = 5  # fewer training images per class cannot teach a task
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,8 @@ def fit(
     keep_checkpoint: bool = False,
     metadata: Mapping[str, Any] | None = None,
 ) -> FitResult:
-    """Train `task` on `data`, select the epoch best on validation, test it, save it.
+    """Train `task` on `data`, select the epoch best on validation (`is_better`: top-1,
+    then the lower loss on a tie), test it, save it. Prints a line per epoch on rank 0.
 
     Writes to `out_dir`: `checkpoint/` (the state after the last finished epoch, for
     `resume=True`; removed once the run is complete unless `keep_checkpoint`, since it
@@ -378,13 +380,14 @@ def fit(
     sampler = distributed.train_sampler(data.train, seed=config.seed * 1_000_003)
 
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "state": None}
+    best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "loss": math.inf, "state": None}
     start_epoch, started = 0, time.perf_counter()
     checkpoint_dir = out / "checkpoint"
     if resume and _can_resume(checkpoint_dir):
         start_epoch, history, best = load_checkpoint(
             checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
         )
+        best["loss"] = history[best["epoch"] - 1]["val_loss"] if best["epoch"] > 0 else math.inf
     else:
         if main:  # a run killed before its first checkpoint must not resume an older run's
             remove_checkpoint(checkpoint_dir)
@@ -450,10 +453,11 @@ def fit(
             if config.method != "finetune":
                 row["kept"] = model.mask_stats(task).kept
             history.append(row)
-            if val["top1"] > best["top1"]:
+            if is_better(val, best):
                 best = {
                     "epoch": epoch + 1,
                     "top1": val["top1"],
+                    "loss": val["loss"],
                     "state": _copy_state(network, trainable),
                 }
             if main:  # the checkpoint first: metrics.jsonl never gets ahead of it
@@ -469,11 +473,16 @@ def fit(
                     scaler,
                 )
                 _write_metrics(metrics_path, history)
-            if progress:
-                tqdm.write(
+            if main:  # a line per epoch in a log too, where no bar shows progress
+                line = (
                     f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
-                    f"val {row['val_top1']:.3f}"
+                    f"val {row['val_top1']:.3f} (loss {row['val_loss']:.4f})"
+                    + (f" kept {row['kept']:.4f}" if "kept" in row else "")
                 )
+                if progress:
+                    tqdm.write(line)
+                else:
+                    print(line, flush=True)
     if best["state"] is not None:
         network.load_state_dict(best["state"], strict=False)
     if config.method != "finetune":
@@ -483,7 +492,10 @@ def fit(
     test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
     task_file = save_result_model(model, network, task, config.method, out) if main else None
     kept = model.mask_stats(task).kept if config.method == "piggyback" else None
-    problems = degenerate_task_problems(val["top1"], data.num_classes, kept)
+    problems = degenerate_task_problems(
+        val["top1"], data.num_classes, kept, method=config.method,
+        train_images=len(data.train), own_norms=bool(model.task_info[task].train_bn),
+    )  # fmt: skip
     for problem in problems:
         warnings.warn(f"task {task!r}: {problem}", DegenerateTaskWarning, stacklevel=2)
     result = FitResult(
@@ -522,27 +534,58 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
-def degenerate_task_problems(val_top1: float, num_classes: int, kept: float | None) -> list[str]:
+def is_better(val: Mapping[str, Any], best: Mapping[str, Any]) -> bool:
+    """Whether an epoch's validation metrics beat the best so far: a higher top-1, or
+    the same top-1 at a lower loss (an early epoch must not win a tie against a later
+    one that fits the validation set better)."""
+    return (val["top1"], -val["loss"]) > (best["top1"], -best["loss"])
+
+
+def degenerate_task_problems(
+    val_top1: float,
+    num_classes: int,
+    kept: float | None,
+    *,
+    method: str = "piggyback",
+    train_images: int | None = None,
+    own_norms: bool = False,
+) -> list[str]:
     """What is wrong with a trained task, in words a user can act on (empty: nothing).
 
-    `kept` is the fraction of weights the final mask keeps (None: no mask trained).
+    `kept` is the fraction of weights the final mask keeps (None: no mask trained);
+    `train_images` the size of the training split (None: not known).
     """
     problems = []
     chance = 1 / num_classes
+    per_class = None if train_images is None else train_images / num_classes
     if num_classes > 1 and val_top1 <= chance + 0.05:
-        problems.append(
-            f"validation top-1 {val_top1:.3f} is at chance ({chance:.3f}): the network "
-            "learned nothing or collapsed. Check the labels, train longer or try another "
-            "--lr; with frozen norms (--no-train-bn, --recipe paper) a moving mask can "
-            "collapse the network (docs/method.md)"
-        )
+        problem = f"validation top-1 {val_top1:.3f} is at chance ({chance:.3f}): "
+        if per_class is not None and per_class < MIN_IMAGES_PER_CLASS:
+            problem += (
+                f"{train_images} training images for {num_classes} classes are too few to "
+                f"learn from; add images (at least {MIN_IMAGES_PER_CLASS} per class)"
+            )
+        else:
+            problem += "the network learned nothing. " + _CHANCE_ADVICE[method]
+        problems.append(problem)
     if kept is not None and kept >= 1.0:
+        holds = "a new head and its own norm layers" if own_norms else "a new head"
         problems.append(
-            "the saved mask keeps every weight, so this task is only a new head on frozen "
-            "features (what --method classifier trains). Train longer (--epochs) or raise "
-            "the scores' learning rate (--lr)"
+            f"the saved mask keeps every weight, so this task is {holds} on the unmasked "
+            "backbone (no epoch with a moved mask did better on validation). Train longer "
+            "(--epochs), or raise the scores' learning rate (--lr) for the mask to move"
         )
     return problems
+
+
+_CHANCE_ADVICE = {
+    "piggyback": "Check the labels, train longer or try another --lr; with frozen norms "
+    "(--no-train-bn, --recipe paper) a moving mask can collapse the network (docs/method.md)",
+    "classifier": "Check the labels, train longer or raise --head-lr: the features are "
+    "frozen, so only the head can learn",
+    "finetune": "Check the labels, train longer or lower --lr: fine-tuning every weight "
+    "diverges when the learning rate is too high",
+}
 
 
 def save_result_model(

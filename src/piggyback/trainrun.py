@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import ConfigError, DegenerateTaskWarning
+from .errors import ConfigError, DegenerateTaskWarning, TaskFileError
 from .recipes import recipe as get_recipe
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ TRAIN_KEYS = (
     "strict", "val_fraction", "test_fraction", "method", "epochs", "batch_size", "lr", "head_lr",
     "lr_decay", "lr_decay_every", "weight_decay", "optimizer", "seed", "device", "num_workers",
     "threshold", "threshold_fn", "init", "init_scale", "train_bn", "resume", "keep_checkpoint",
-    "amp", "sync_bn", "recipe", "allow_random_backbone",
+    "force", "amp", "sync_bn", "recipe", "allow_random_backbone",
 )  # fmt: skip
 # `train-many` settings that hold for the whole run, so only at the top of its file.
 SHARED_KEYS = (
@@ -80,10 +80,20 @@ def read_tasks_file(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:  # its own text names "<unicode string>", not the file
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, got {type(loaded).__name__}")
     return loaded
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong in a YAML file and where (1-based line and column)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _checked_settings(loaded: dict[str, Any], where: str, allowed: Sequence[str]) -> dict[str, Any]:
@@ -105,6 +115,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
     if not args.data:
         raise ConfigError("no dataset: pass --data (e.g. --data digits) or set data: in --config")
+    if args.size is not None:
+        check_size_flag(args.size)
+    if args.resume and args.force:
+        raise ConfigError("--resume goes on from a run, --force starts it over: pass one")
     _apply_recipe(args)
     return TrainConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -113,6 +127,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         device=args.device, num_workers=args.num_workers, progress=show_progress(args.progress),
         amp=args.amp, sync_bn=args.sync_bn,
     )  # fmt: skip
+
+
+def check_size_flag(size: Any) -> None:
+    """`--size` within what eval, predict and serve accept from a task file (and so,
+    checked before any training, the same limit)."""
+    from .taskmeta import MAX_INPUT_SIZE
+
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_INPUT_SIZE:
+        raise ConfigError(
+            f"--size must be an integer in [1, {MAX_INPUT_SIZE:,}], got {size!r}: eval, "
+            "predict and serve refuse task files trained at other sizes"
+        )
 
 
 def _apply_recipe(args: argparse.Namespace) -> None:
@@ -156,29 +182,51 @@ def _check_trained_weights(args: argparse.Namespace) -> None:
         return
     raise ConfigError(
         f"backbone {name!r} would have random weights, so its task file would load only onto "
-        "a backbone rebuilt with the same --seed and torch/timm versions (eval, predict and "
-        "serve do not); pass --pretrained, --weights FILE, or --allow-random-backbone "
+        "a backbone rebuilt with the same --seed and torch/timm versions (eval and predict "
+        "do so; serve does not); pass --pretrained, --weights FILE, or --allow-random-backbone "
         "(allow_random_backbone: true in a config file) to train on it anyway"
     )
 
 
 def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainConfig) -> None:
-    """Load one task's data and `fit` it; rank 0 alone writes settings and prints."""
-    from .backbones import DEFAULT_BACKBONE, input_spec
+    """Load one task's data and `fit` it; rank 0 alone writes settings and prints.
+
+    Everything a later command would refuse (the task file's fields, a batch that cannot
+    fit in memory, a run folder whose results would be lost) is refused before the data
+    are read."""
+    from .backbones import DEFAULT_BACKBONE, has_trained_weights, input_spec
     from .data import load_task_data
     from .distributed import is_main
-    from .taskmeta import SPEC_KEY, spec_record
+    from .memory import check_activation_memory
+    from .store import write_atomic
+    from .taskmeta import RANDOM_KEY, SPEC_KEY, check_task_fields, spec_record
     from .train import fit
 
     task = args.task or task_name(args.data)
-    out = args.out or Path("runs") / task
+    out = Path(args.out) if args.out else default_out(task, args.method)
     spec = input_spec(model.backbone, size=args.size)
+    data_name = absolute_data(args.data)
     settings = {key: _plain(getattr(args, key)) for key in TRAIN_KEYS}
-    settings.update(
-        backbone=args.backbone or DEFAULT_BACKBONE, task=task, out=str(out), size=spec.size
+    backbone = args.backbone or DEFAULT_BACKBONE
+    settings.update(backbone=backbone, task=task, out=str(out), size=spec.size, data=data_name)
+    metadata = {key: settings[key] for key in ("backbone", "weights", "size", "seed", "limit")}
+    metadata.update(
+        data=data_name, val_fraction=args.val_fraction, test_fraction=args.test_fraction
     )
+    if not has_trained_weights(backbone, pretrained=args.pretrained, weights=args.weights):
+        metadata[RANDOM_KEY] = True  # eval and predict rebuild it from the recorded seed
+    metadata[SPEC_KEY] = spec_record(spec)  # what predict, eval and exports prepare images with
+    try:
+        check_task_fields(task, metadata)
+    except TaskFileError as exc:
+        raise ConfigError(f"this run would write a task file that eval refuses: {exc}") from exc
+    check_activation_memory(
+        backbone, spec.size, config.batch_size, method=args.method, amp=args.amp,
+        device=config.device,
+    )  # fmt: skip
     if args.resume and _finished(out, settings):
         return
+    check_run_folder(out, task, resume=args.resume, force=args.force)
     resume = args.resume and _resume_point(out, settings, config.epochs)
     data = load_task_data(
         args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
@@ -186,13 +234,14 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
         strict=args.strict,
     )  # fmt: skip
     if is_main():
+        print(
+            f"{task}: {data.num_classes} classes, {len(data.train)} train / {len(data.val)} "
+            f"val / {len(data.test)} test images at {spec.size} px ({args.method}) -> {out}",
+            flush=True,
+        )
+        warn_small_data(data)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
-    metadata = {key: settings[key] for key in ("backbone", "weights", "size", "seed", "limit")}
-    metadata.update(
-        data=str(args.data), val_fraction=args.val_fraction, test_fraction=args.test_fraction
-    )
-    metadata[SPEC_KEY] = spec_record(spec)  # what predict, eval and exports prepare images with
+        write_atomic(out / "settings.yaml", yaml.safe_dump(settings, sort_keys=True).encode())
     with warnings.catch_warnings():  # a degenerate task is reported after the result
         warnings.simplefilter("ignore", DegenerateTaskWarning)
         result = fit(
@@ -207,6 +256,96 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
         )
         for problem in result.warnings:
             print(f"warning: {problem}", file=sys.stderr)
+
+
+def default_out(task: str, method: str, root: Path = Path("runs")) -> Path:
+    """A run's folder when --out is not given: ROOT/TASK for piggyback, ROOT/TASK-METHOD
+    for a baseline, so that a baseline never lands on the task it is compared with."""
+    return root / (task if method == "piggyback" else f"{task}-{method}")
+
+
+def check_run_folder(out: Path, task: str, *, resume: bool, force: bool) -> None:
+    """Refuse to start over in a folder holding another run's results or checkpoint,
+    unless `force` (the user's say: they are deleted) or `resume` (a checkpoint goes on)."""
+    from .checkpoint import checkpoint_progress, has_checkpoint, remove_checkpoint
+    from .distributed import is_main
+    from .train import RESULT
+
+    directory = out / "checkpoint"
+    results = [out / name for name in (RESULT, *result_files(task))]
+    records = [out / name for name in ("settings.yaml", "metrics.jsonl")]
+    if force:
+        if is_main():
+            remove_checkpoint(directory)
+            for path in results + records:
+                path.unlink(missing_ok=True)
+        return
+    if resume:
+        return
+    if has_checkpoint(directory):
+        try:
+            done = f" after epoch {checkpoint_progress(directory)['epoch']}"
+        except TaskFileError:
+            done = ""
+        raise ConfigError(
+            f"{out} holds the checkpoint of an unfinished run{done}: add --resume to go on "
+            "from it, or --force to start over (its checkpoint is deleted), or train into "
+            "another --out"
+        )
+    present = [path.name for path in results if path.is_file()]
+    kind = "a finished run" if present else "another run's records"
+    present = present or [path.name for path in records if path.is_file()]
+    if present:
+        raise ConfigError(
+            f"{out} holds {kind} ({', '.join(present)}): train into another --out, or pass "
+            "--force to replace it"
+        )
+
+
+def result_files(task: str) -> tuple[str, ...]:
+    """The model files a run of `task` may write, one per kind of method."""
+    return (f"{task}.safetensors", f"{task}.finetuned.safetensors")
+
+
+def absolute_data(data: str) -> str:
+    """`--data` as a task file records it: a local path made absolute, so that eval finds
+    it from any folder; built-in names, and paths not found here, stay as given."""
+    prefix, local = split_data_path(data)
+    return f"{prefix}{local.resolve()}" if local is not None and local.exists() else str(data)
+
+
+def split_data_path(data: str) -> tuple[str, Path | None]:
+    """(prefix, path) of the local path a data source names: a folder, a CSV, the root of
+    `torchvision:NAME:ROOT` or `hf:PATH`; (the name, None) for a built-in task."""
+    from .data import BUILTIN_TASKS
+
+    text = str(data)
+    if text in BUILTIN_TASKS:
+        return text, None
+    if text.startswith("hf:"):
+        return "hf:", Path(text[3:]) if text[3:] else None
+    if text.startswith("torchvision:"):
+        name, _, root = text[len("torchvision:") :].partition(":")
+        return f"torchvision:{name}:", Path(root) if root else None
+    return "", Path(text)
+
+
+def warn_small_data(data: Any) -> None:
+    """Warn when the splits are too small to learn or measure anything: a run that then
+    ends at chance is about the data, not a collapsing network."""
+    from .train import MIN_IMAGES_PER_CLASS
+
+    per_class = len(data.train) / max(data.num_classes, 1)
+    empty = [name for name in ("val", "test") if len(getattr(data, name)) < 2]
+    if per_class >= MIN_IMAGES_PER_CLASS and not empty:
+        return
+    warnings.warn(
+        f"{len(data.train)} training images for {data.num_classes} classes "
+        f"({per_class:.1f} per class), {len(data.val)} to validate and {len(data.test)} to "
+        f"test: too few to learn the task or to measure it; add images (at least "
+        f"{MIN_IMAGES_PER_CLASS} per class) or lower --val-fraction/--test-fraction",
+        stacklevel=2,
+    )
 
 
 def _finished(out: Path, settings: dict[str, Any]) -> bool:
@@ -227,7 +366,11 @@ def _finished(out: Path, settings: dict[str, Any]) -> bool:
         return False
     _check_same_task(out / "settings.yaml", settings)
     if is_main():
-        print(f"{settings['task']}: already complete ({task_file}); --resume skips it")
+        print(
+            f"{settings['task']}: already complete ({task_file}); --resume skips it. To "
+            "train it for more epochs, run it again with --force (it starts over) and "
+            "--keep-checkpoint, whose checkpoint a later --resume with more --epochs goes on from"
+        )
     return True
 
 
@@ -264,7 +407,11 @@ def _check_same_task(path: Path, settings: dict[str, Any]) -> None:
     recorded = yaml.safe_load(path.read_text())
     if not isinstance(recorded, dict):
         raise ConfigError(f"{path} holds no mapping of settings; delete it to resume anyway")
-    changed = [key for key in TASK_KEYS if key in recorded and recorded[key] != settings[key]]
+    changed = [
+        key
+        for key in TASK_KEYS
+        if key in recorded and _comparable(key, recorded[key]) != _comparable(key, settings[key])
+    ]
     if changed:
         differences = ", ".join(
             f"--{key.replace('_', '-')} {settings[key]} (the run used {recorded[key]})"
@@ -275,6 +422,12 @@ def _check_same_task(path: Path, settings: dict[str, Any]) -> None:
             f"{differences}. Resume with the run's settings (in {path}), or train into "
             "another --out"
         )
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A setting as `--resume` compares it: data paths recorded relative (by older
+    versions) or absolute name the same data."""
+    return absolute_data(value) if key == "data" and isinstance(value, str) else value
 
 
 def task_name(data: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .trainrun import show_progress
+from .trainrun import show_progress, split_data_path
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -28,6 +28,12 @@ def eval_command(args: argparse.Namespace) -> int:
     data_name = args.data or source.get("data")
     if not data_name:
         raise ConfigError(f"{args.task_file} records no dataset; pass --data")
+    local = split_data_path(data_name)[1]
+    if not args.data and local is not None and not local.exists():
+        raise ConfigError(
+            f"{args.task_file} was trained on {data_name!r}, which is not found here: pass "
+            "--data with where that data is now"
+        )
     data = load_task_data(
         data_name, info.spec, seed=source.get("seed", 0), limit=source.get("limit"),
         val_fraction=source.get("val_fraction", 0.1),
@@ -175,7 +181,8 @@ def _input_text(spec: dict[str, Any] | None, size: int | None) -> str:
         return f"input: {size} px, the backbone's normalisation" if size else "input: not recorded"
     return (
         f"input: {spec['size']} px, {spec['interpolation']} resize, crop_pct "
-        f"{spec['crop_pct']}, mean {spec['mean']}, std {spec['std']}"
+        f"{spec['crop_pct']}, mean {spec['mean']}, std {spec['std']} (shorter side resized "
+        "to size / crop_pct, then the centre cropped square)"
     )
 
 
@@ -188,6 +195,15 @@ def export_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def backbones_command(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+
+    for name in list_backbones():
+        if not args.pattern or args.pattern.lower() in name.lower():
+            print(name)
     return 0
 
 

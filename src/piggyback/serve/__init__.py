@@ -3,25 +3,33 @@
 `create_app` builds the FastAPI app (routes in `app`), `TaskRegistry` holds the tasks and
 the cache of baked ones, `Batcher` gathers concurrent requests into mixed-task batches,
 and `runner` starts uvicorn. Needs the `fastapi`, `uvicorn` and `python-multipart`
-packages.
+packages; names are imported when first used, so that `piggyback.serve.config` (read by
+`piggyback serve --help`) loads without them.
 """
 
-from .app import create_app
-from .backbone import build_model
-from .batcher import Batcher, Job
-from .config import ServeConfig
-from .registry import BakedCache, TaskExistsError, TaskRegistry
-from .runner import run, running
+from __future__ import annotations
 
-__all__ = [
-    "BakedCache",
-    "Batcher",
-    "Job",
-    "ServeConfig",
-    "TaskExistsError",
-    "TaskRegistry",
-    "build_model",
-    "create_app",
-    "run",
-    "running",
-]
+from importlib import import_module
+from typing import Any
+
+_HOMES = {
+    "create_app": "app",
+    "build_model": "backbone",
+    "Batcher": "batcher",
+    "Job": "batcher",
+    "ServeConfig": "config",
+    "BakedCache": "registry",
+    "TaskExistsError": "registry",
+    "TaskRegistry": "registry",
+    "run": "runner",
+    "running": "runner",
+    "startup_lines": "app",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)

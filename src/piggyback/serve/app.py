@@ -130,6 +130,22 @@ def create_app(
     return app
 
 
+def startup_lines(app: FastAPI, device: object) -> list[str]:
+    """What `piggyback serve` prints as it starts: the backbone it chose, the tasks it
+    serves, each file it skipped and why, and who may do what."""
+    registry, model = app.state.registry, app.state.registry.model
+    names = ", ".join(registry.names) or "none yet"
+    lines = [
+        f"backbone {type(model.base).__name__} (fingerprint {model.fingerprint[:16]}) on "
+        f"{device}; {len(registry.names)} task(s): {names}"
+    ]
+    lines += [
+        f"warning: skipped {name}: {' '.join(reason.split())}"
+        for name, reason in registry.skipped.items()
+    ]
+    return [*lines, app.state.config.access]
+
+
 def _skipped(registry: TaskRegistry) -> list[dict[str, str]]:
     """The task files in the folder that are not served, and why."""
     return [{"file": name, "reason": reason} for name, reason in registry.skipped.items()]
