@@ -87,6 +87,17 @@ BAD_FIELDS = {
     "input spec as text": ("metadata.input_spec", "x"),
     "input spec without channels": ("metadata.input_spec", {"size": 3}),
     "null kept": ("mask.kept", None),
+    "calibration as text": ("metadata.calibration", "sure"),
+    "calibration of 3 quantiles": (
+        "metadata.calibration",
+        {"quantiles": [0, 0.5, 1], "samples": 9},
+    ),
+    "calibration out of order": (
+        "metadata.calibration",
+        {"quantiles": [1 - i / 100 for i in range(101)], "samples": 9},
+    ),
+    "calibration above 1": ("metadata.calibration", {"quantiles": [2.0] * 101, "samples": 9}),
+    "calibration of no images": ("metadata.calibration", {"quantiles": [0.5] * 101, "samples": 0}),
 }
 
 

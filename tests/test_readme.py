@@ -21,8 +21,8 @@ def run(example: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     return namespace
 
 
-def test_readme_has_the_two_examples() -> None:
-    vision, text = examples()
+def test_readme_has_the_examples() -> None:
+    vision, text, _ = examples()
     assert len(vision.strip().splitlines()) <= 18  # the promised ~15 lines (+ imports)
     assert "transformers" in text
 
@@ -37,6 +37,9 @@ def test_readme_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     with torch.no_grad():
         assert torch.allclose(plain(images), served(images), atol=1e-5)
+    exec(compile(examples()[2], str(README), "exec"), namespace)  # task inference, on `served`
+    found = namespace["found"]
+    assert len(found.tasks) == len(images) and set(found.tasks) <= {"birds", None}
 
 
 def test_readme_hugging_face_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

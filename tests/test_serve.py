@@ -412,6 +412,29 @@ def test_start_up_says_the_backbone_the_tasks_and_what_it_skipped(own_dir: Path)
     assert access == ServeConfig().access
 
 
+def test_predict_without_a_task_infers_it_when_asked(task_dir: Path) -> None:
+    """--infer-task: each image gets the task whose output is surest (these tasks carry no
+    calibration, so the entropy rule), with its score and classes; or none."""
+    reference = piggyback.load(task_dir, make_tiny())
+    with server(task_dir, infer_task=True, infer_rule="entropy", infer_threshold=0) as base:
+        answer = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:3])["files"])
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["task"] is None and len(body["predictions"]) == 3
+        for data, row in zip(IMAGES[:3], body["predictions"], strict=True):
+            assert row["task"] in TASKS and 0 <= row["score"] <= 1
+            assert_same(row, expected(reference, row["task"], data, topk=5))
+    with server(task_dir, infer_task=True, infer_rule="entropy", infer_threshold=2) as base:
+        answer = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:2])["files"])
+        assert [row["task"] for row in answer.json()["predictions"]] == [None, None]
+    with server(task_dir, infer_task=True) as base:  # "calibrated" needs calibrated tasks
+        refused = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:1])["files"])
+        assert refused.status_code == 400 and "--infer-rule entropy" in refused.json()["error"]
+    with server(task_dir) as base:
+        refused = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:1])["files"])
+        assert refused.status_code == 422 and "--infer-task" in refused.json()["error"]
+
+
 def test_input_size_is_bounded(own_dir: Path, tmp_path: Path) -> None:
     """A task may not ask for inputs above max_input_size: every image is resized to it."""
     large = _crafted(new_task_file(tmp_path), tmp_path, metadata={"size": 40})

@@ -301,11 +301,33 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         [
             "piggyback predict runs/digits/digits.safetensors photo.png more_photos/",
             "piggyback predict baked.safetensors photo.png --topk 1 --json",
+            "piggyback predict --tasks runs/demo/tasks photo.png   # which task, then classes",
         ],
-        "Unreadable images are skipped with a warning each (--strict stops instead).",
+        "Unreadable images are skipped with a warning each (--strict stops instead). With "
+        "--tasks, no MODEL_FILE: every argument is an image, and each image's task is "
+        "inferred among the task files given (or refused when it looks like none of them).",
     )
-    _add_model_file(predict)
-    predict.add_argument("images", nargs="+", type=Path, help="image files or folders of them")
+    predict.add_argument(
+        "task_file", type=Path, nargs="?", metavar="MODEL_FILE",
+        help="a task file, a fine-tuned model (TASK.finetuned.safetensors) or an export",
+    )  # fmt: skip
+    predict.add_argument("images", nargs="*", type=Path, help="image files or folders of them")
+    group = predict.add_argument_group("task inference (piggyback.taskinfer)")
+    group.add_argument(
+        "--tasks", action="append", type=Path, metavar="PATH",
+        help="a task file or a folder of them (repeat for more): infer each image's task "
+        "among them",
+    )  # fmt: skip
+    group.add_argument(
+        "--rule", default="calibrated", choices=("calibrated", "entropy"),
+        help="how a task scores an image: calibrated (on its validation images, stored by "
+        "train) or entropy (of its output)",
+    )  # fmt: skip
+    group.add_argument(
+        "--threshold", type=float,
+        help="refuse an image whose best score is below this (default: the rule's, "
+        "0.01 calibrated, 0.5 entropy)",
+    )  # fmt: skip
     predict.add_argument(
         "--topk", type=int, default=3, metavar="K",
         help="show the K most probable classes (at most the task's classes)",
@@ -436,6 +458,21 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument(
         "--read-token", help="guards /predict and GET /tasks too (or $PIGGYBACK_READ_TOKEN)"
     )
+    group = serve.add_argument_group("task inference")
+    group.add_argument(
+        "--infer-task", action="store_true",
+        help="answer a /predict without `task` by inferring each image's task (costs one "
+        "forward pass per task served)",
+    )  # fmt: skip
+    group.add_argument(
+        "--infer-rule", default=limits.infer_rule, choices=("calibrated", "entropy"),
+        help="how tasks score an image (see piggyback.taskinfer)",
+    )  # fmt: skip
+    group.add_argument(
+        "--infer-threshold", type=float,
+        help="refuse an image whose best score is below this (default: the rule's, "
+        "0.01 calibrated, 0.5 entropy)",
+    )  # fmt: skip
     group = serve.add_argument_group("limits and batching")
     group.add_argument(
         "--max-upload-mb", type=float, default=limits.max_upload_mb, help="largest request body"
@@ -633,6 +670,9 @@ def _serve(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch=args.max_batch,
         cache_size=args.cache_size,
+        infer_task=args.infer_task,
+        infer_rule=args.infer_rule,
+        infer_threshold=args.infer_threshold,
     )
     from .train import resolve_device
 

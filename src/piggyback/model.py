@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from .layers import (
     TaskModule,
     TaskNorm,
 )
+
+if TYPE_CHECKING:
+    from .taskinfer import TaskInference
 
 TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 # Names that nn.ModuleDict / nn.ParameterDict (which key per-task state by task name) own.
@@ -392,6 +395,29 @@ class PiggybackModel(nn.Module):
         for module in self._task_modules():
             memo[id(module)] = copy.deepcopy(module.base_layer, memo)
         return copy.deepcopy(self.backbone, memo)
+
+    def infer_task(
+        self,
+        *inputs: Any,
+        tasks: Sequence[str] | None = None,
+        rule: str = "calibrated",
+        threshold: float | None = None,
+        same_task: bool = False,
+        **kwargs: Any,
+    ) -> TaskInference:
+        """Which of `tasks` (default: all held) each sample belongs to, None where it looks
+        like none of them; see `piggyback.taskinfer`.
+
+        Example:
+            >>> found = model.infer_task(images)  # doctest: +SKIP
+            >>> found.tasks, found.scores  # doctest: +SKIP
+        """
+        from .taskinfer import infer_task
+
+        return infer_task(
+            self, *inputs, tasks=tasks, rule=rule, threshold=threshold, same_task=same_task,
+            **kwargs,
+        )  # fmt: skip
 
     # -------------------------------------------------------------- storage
     def save_task(self, task: str, path: str | Path) -> Path:

@@ -13,11 +13,11 @@ from torch import nn
 from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, meta_backbone
 from .baked import recorded_spec
 from .data import image_transform
-from .errors import BackboneMismatchError, ConfigError
+from .errors import BackboneMismatchError, ConfigError, PiggybackError
 from .images import open_image
 from .layers import masked_parameter
 from .model import PiggybackModel
-from .store import load_task, read_task_file, task_config
+from .store import load_task, read_task_file, task_config, task_files
 from .taskmeta import RANDOM_KEY
 
 
@@ -110,6 +110,37 @@ def open_task(
     task = load_task(model, path, read=contents)
     model.set_task(task)
     return model.eval(), task, spec
+
+
+def open_tasks(
+    given: list[Path],
+    *,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    size: int | None = None,
+) -> tuple[PiggybackModel, InputSpec, list[str]]:
+    """One model holding every task file of `given` (files, or folders of them) on the
+    backbone the first records, for task inference. Returns the model, the input spec all
+    its tasks share and a line for each file that did not load (skipped, as the server
+    does); tasks trained at another input size are refused unless `size` sets one."""
+    paths = [p for path in given for p in (task_files(path) if path.is_dir() else [path])]
+    if not paths:
+        raise ConfigError(f"no task file in {[str(p) for p in given]}")
+    model, _, spec = open_task(paths[0], backbone=backbone, weights=weights, size=size)
+    skipped = []
+    for path in paths[1:]:
+        try:
+            contents = read_task_file(path)
+            own = recorded_spec(task_source(contents[0]), model.base, path)
+            if size is None and own != spec:
+                raise ConfigError(
+                    f"it was trained on {own.size} px inputs prepared otherwise than "
+                    f"{paths[0]} ({spec.size} px); pass --size to run all at one size"
+                )
+            load_task(model, path, read=contents)
+        except PiggybackError as exc:
+            skipped.append(f"skipped {path}: {exc}")
+    return model.eval(), spec, skipped
 
 
 def read_image(path: str | Path) -> Image.Image:

@@ -9,6 +9,7 @@ model the file is loaded onto (`piggyback.store.prepare_task`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from .backbones import InputSpec
 from .bits import CODECS
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileError
+from .taskinfer import CALIBRATION_KEY, QUANTILES
 
 MAX_INPUT_SIZE = 2048  # pixels a side; a task trained above this is refused
 MAX_CLASSES = 100_000  # classes of one task's head (ImageNet-21k has 21,841)
@@ -144,7 +146,22 @@ _METADATA: dict[str, Checker] = {
     "limit": _optional(_integer(1, 1 << 62)),
     SPEC_KEY: _optional(lambda value, where: _check_spec(value, where)),
     RANDOM_KEY: _optional(_boolean),
+    CALIBRATION_KEY: _optional(lambda value, where: _check_calibration(value, where)),
 }
+
+
+def _check_calibration(value: Any, where: str) -> None:
+    """What `piggyback.taskinfer.calibration` stores: QUANTILES non-decreasing numbers in
+    [0, 1] and the count of validation images they were read from."""
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    quantiles = value.get("quantiles")
+    ok = isinstance(quantiles, list) and len(quantiles) == QUANTILES
+    _require(ok, f"{where}.quantiles", f"a list of {QUANTILES} numbers", quantiles)
+    for quantile in quantiles:
+        _number(0.0, 1.0)(quantile, f"{where}.quantiles")
+    ordered = all(low <= high for low, high in itertools.pairwise(quantiles))
+    _require(ordered, f"{where}.quantiles", "non-decreasing", quantiles)
+    _integer(1, 1 << 62)(value.get("samples"), f"{where}.samples")
 
 
 def _check_spec(value: Any, where: str) -> None:

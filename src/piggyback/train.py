@@ -34,6 +34,7 @@ from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import AMP_DTYPES, Amp, autocast
 from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
+from .taskinfer import calibrate_task
 
 Method = Literal["piggyback", "classifier", "finetune"]
 RESULT = "result.json"  # written last by `fit`: the run is complete
@@ -173,6 +174,8 @@ def train_one_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
+        if len(labels) == 1 and model.training:
+            continue  # a last batch of one sample: BatchNorm cannot train on it
         targets = labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
@@ -490,6 +493,11 @@ def fit(
     # Measured as saved: the frozen task is what its file reloads to.
     val = evaluate(network, val_loader, device, data.num_classes, progress=False, amp=config.amp)
     test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
+    if main and config.method != "finetune" and len(data.val):
+        # How sure the task is of its own validation images: what task inference compares
+        # an input of unknown task with (`piggyback.taskinfer`); saved in its file.
+        loader = make_loader(data.val, config.batch_size, shuffle=False)
+        calibrate_task(model, task, loader, device)
     task_file = save_result_model(model, network, task, config.method, out) if main else None
     kept = model.mask_stats(task).kept if config.method == "piggyback" else None
     problems = degenerate_task_problems(

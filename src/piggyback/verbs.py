@@ -63,22 +63,22 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def predict_command(args: argparse.Namespace) -> int:
     from .images import readable_images, unreadable
-    from .modelfile import open_model_file
     from .pipeline import read_image
     from .train import resolve_device
 
     _check_positive(topk=args.topk, batch_size=args.batch_size)
-    paths = _image_paths(args.images)
+    given = [args.task_file, *args.images] if args.tasks else args.images
+    if not args.tasks and (args.task_file is None or not args.images):
+        raise ConfigError("pass a MODEL_FILE and images, or --tasks PATH and images")
+    paths = _image_paths([path for path in given if path is not None])
     good, bad = readable_images(paths, strict=args.strict)
     if not good:
         more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
         raise DataError(f"no readable image: {bad[0]}{more}")
     for problem in bad:
         warnings.warn(f"skipped: {problem}", stacklevel=1)
-    opened = open_model_file(
-        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
-    )
-    opened.network.to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    predictor = _task_inference(args, device) if args.tasks else _file_predictor(args, device)
     rows = []
     for start in range(0, len(good), args.batch_size):
         images, shown = [], []
@@ -91,14 +91,70 @@ def predict_command(args: argparse.Namespace) -> int:
                 warnings.warn(f"skipped: {exc}", stacklevel=1)
                 continue
             shown.append(path)
-        for path, result in zip(shown, opened.predict(images, args.topk), strict=True):
-            rows.append({"image": str(path), **result.to_dict()})
+        for path, result in zip(shown, predictor(images) if images else [], strict=True):
+            rows.append({"image": str(path), **result})
             if not args.json:
-                ranked = zip(result.labels, result.probabilities, strict=True)
-                print(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+                print(f"{path}: {_prediction_text(result)}")
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
+
+
+def _file_predictor(args: argparse.Namespace, device: Any) -> Any:
+    """A predictor that ranks each image's classes with the model file given."""
+    from .modelfile import open_model_file
+
+    opened = open_model_file(
+        args.task_file, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    opened.network.to(device)
+
+    def predict(images: list[Any]) -> list[dict[str, Any]]:
+        return [result.to_dict() for result in opened.predict(images, args.topk)]
+
+    return predict
+
+
+def _task_inference(args: argparse.Namespace, device: Any) -> Any:
+    """A predictor that infers each image's task among `--tasks`, then ranks its classes."""
+    from .pipeline import open_tasks, preprocess, rank
+
+    model, spec, skipped = open_tasks(
+        args.tasks, backbone=args.backbone, weights=args.weights, size=args.size
+    )
+    for line in skipped:
+        warnings.warn(line, stacklevel=1)
+    model.to(device)
+
+    def predict(images: list[Any]) -> list[dict[str, Any]]:
+        batch = preprocess(images, spec, device)
+        found = model.infer_task(batch, rule=args.rule, threshold=args.threshold)
+        results = []
+        for i, task in enumerate(found.tasks):
+            result: dict[str, Any] = {"task": task, "score": round(float(found.scores[i]), 6)}
+            if task is not None:
+                names = model.task_info[task].class_names
+                result.update(rank(found.logits[task][i], names, args.topk).to_dict())
+            else:
+                best = found.candidates[int(found.candidate_scores[i].argmax())]
+                result["closest_task"] = best
+            results.append(result)
+        return results
+
+    return predict
+
+
+def _prediction_text(result: dict[str, Any]) -> str:
+    """One image's line: its task (when inferred) and its ranked classes."""
+    if "task" in result and result["task"] is None:
+        return f"no known task (closest {result['closest_task']}, score {result['score']:.3f})"
+    ranked = zip(result["labels"], result["probabilities"], strict=True)
+    classes = ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+    return (
+        f"{result['task']} (score {result['score']:.3f}): {classes}"
+        if "task" in result
+        else classes
+    )
 
 
 def _check_positive(**flags: int) -> None:

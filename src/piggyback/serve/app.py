@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +27,7 @@ from .auth import check_read, check_write
 from .batcher import Batcher, Job, ShuttingDownError
 from .config import ServeConfig
 from .inputs import ApiError, parse_predict, parse_task_upload, read_body, to_batch
-from .registry import TaskExistsError, TaskRegistry
+from .registry import TaskEntry, TaskExistsError, TaskRegistry
 
 # Library errors a request can cause, by HTTP status; any other (a bad task name...) is 400.
 _STATUS: dict[type[Exception], int] = {
@@ -102,7 +103,16 @@ def create_app(
     async def predict(request: Request) -> dict[str, Any]:
         check_read(request, config)
         body = await read_body(request, config.max_upload_bytes, config.body_timeout_s)
-        query = await parse_predict(request, body, config.max_batch)
+        query = await parse_predict(request, body, config.max_batch, infer_task=config.infer_task)
+        if query.task is None:
+            found = await run_in_threadpool(
+                registry.infer_tasks,
+                query.images,
+                config.infer_rule,
+                config.infer_threshold,
+                config.max_request_pixels,
+            )
+            return {"task": None, "predictions": [_inferred(row, query.topk) for row in found]}
         entry = registry.entry(query.task)
         images = await run_in_threadpool(
             to_batch, query.images, entry.spec, config.max_request_pixels
@@ -128,6 +138,18 @@ def create_app(
         return {"deleted": name}
 
     return app
+
+
+def _inferred(
+    row: tuple[TaskEntry | None, float, torch.Tensor | None], topk: int
+) -> dict[str, Any]:
+    """One image's answer when its task was inferred: the task and its score, and the
+    ranked classes (none when no task was found)."""
+    entry, score, logits = row
+    if entry is None or logits is None:
+        return {"task": None, "score": round(score, 6)}
+    ranked = rank(logits, entry.class_names, topk).to_dict()
+    return {"task": entry.name, "score": round(score, 6), **ranked}
 
 
 def startup_lines(app: FastAPI, device: object) -> list[str]:

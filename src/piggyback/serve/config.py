@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..taskinfer import RULES
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class ServeConfig:
     of that task is resized to it; `max_request_pixels` caps the decoded pixels of one
     request's images together; `header_timeout_s` and `body_timeout_s` are how long a
     client may take to send its request head and its body.
+
+    Task inference: with `infer_task`, a prediction request without a task gets each
+    image's task inferred among the tasks served (`piggyback.taskinfer`, by `infer_rule`;
+    k forward passes for k tasks), or none when it looks like none of them.
 
     Access: `admin_token` guards adding and deleting tasks, which are off without one
     unless `allow_unauthenticated_writes`; `read_token`, when set, guards predictions and
@@ -43,6 +48,9 @@ class ServeConfig:
     admin_token: str | None = None
     read_token: str | None = None
     allow_unauthenticated_writes: bool = False
+    infer_task: bool = False
+    infer_rule: str = "calibrated"
+    infer_threshold: float | None = None  # None: the rule's (taskinfer.DEFAULT_THRESHOLDS)
 
     def __post_init__(self) -> None:
         _check_number("batch_window_ms", self.batch_window_ms, allow_zero=True)
@@ -61,6 +69,12 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None")
+        if not isinstance(self.infer_task, bool):
+            raise ConfigError(f"infer_task must be True or False, got {self.infer_task!r}")
+        if self.infer_rule not in RULES:
+            raise ConfigError(f"infer_rule={self.infer_rule!r}; expected one of {RULES}")
+        if self.infer_threshold is not None:
+            _check_number("infer_threshold", self.infer_threshold, allow_zero=True)
         if not isinstance(self.allow_unauthenticated_writes, bool):
             raise ConfigError(
                 "allow_unauthenticated_writes must be True or False, "

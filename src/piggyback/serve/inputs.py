@@ -51,9 +51,10 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """A request to `POST /predict`: one task, encoded images, how many labels each."""
+    """A request to `POST /predict`: one task (None: infer each image's), encoded images,
+    how many labels each."""
 
-    task: str
+    task: str | None
     images: list[bytes]
     topk: int
 
@@ -86,8 +87,11 @@ async def _read_stream(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_predict(request: Request, body: bytes, max_images: int) -> PredictRequest:
-    """A multipart form (`task`, `topk`, files `images`) or JSON (base64 `images`)."""
+async def parse_predict(
+    request: Request, body: bytes, max_images: int, *, infer_task: bool = False
+) -> PredictRequest:
+    """A multipart form (`task`, `topk`, files `images`) or JSON (base64 `images`); with
+    `infer_task`, `task` may be left out."""
     kind = _media_type(request)
     if kind == MULTIPART:
         form = await _form(request, body)
@@ -99,14 +103,15 @@ async def parse_predict(request: Request, body: bytes, max_images: int) -> Predi
             task, topk = form.get("task"), form.get("topk", DEFAULT_TOPK)
         finally:
             await form.close()
-        return _checked(task, images, _integer(topk), max_images)
+        return _checked(task, images, _integer(topk), max_images, infer_task)
     if kind == JSON:
         payload = _json(body)
         encoded = payload.get("images")
         if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
             raise ApiError(422, "'images' must be a list of base64 strings")
         images = [_base64(text, index) for index, text in enumerate(encoded)]
-        return _checked(payload.get("task"), images, payload.get("topk", DEFAULT_TOPK), max_images)
+        topk = payload.get("topk", DEFAULT_TOPK)
+        return _checked(payload.get("task"), images, topk, max_images, infer_task)
     raise _unsupported(kind, (MULTIPART, JSON))
 
 
@@ -209,9 +214,14 @@ def _base64(text: str, index: int) -> bytes:
         raise ApiError(400, f"image {index} is not valid base64: {exc}") from exc
 
 
-def _checked(task: Any, images: list[bytes], topk: Any, max_images: int) -> PredictRequest:
-    if not isinstance(task, str) or not task:
-        raise ApiError(422, "name the task: a non-empty 'task' field")
+def _checked(
+    task: Any, images: list[bytes], topk: Any, max_images: int, infer_task: bool
+) -> PredictRequest:
+    if task is None and infer_task:
+        pass  # each image's task is inferred
+    elif not isinstance(task, str) or not task:
+        hint = "" if infer_task else " (this server infers none: it runs without --infer-task)"
+        raise ApiError(422, f"name the task: a non-empty 'task' field{hint}")
     if not images:
         raise ApiError(422, "send at least one image in 'images'")
     if len(images) > max_images:

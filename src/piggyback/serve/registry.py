@@ -41,7 +41,9 @@ from ..store import (
     task_files,
     write_atomic,
 )
+from ..taskinfer import CALIBRATION_KEY, DEFAULT_THRESHOLDS
 from .batcher import Job
+from .inputs import to_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class TaskEntry:
     class_names: list[str] | None
     spec: InputSpec
     mask: dict[str, Any]
+    calibrated: bool = False  # carries what task inference's "calibrated" rule needs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class TaskEntry:
             "mask_kind": self.mask.get("kind"),
             "kept": self.mask.get("kept"),
             "input_size": self.spec.size,
+            "calibrated": self.calibrated,
         }
 
 
@@ -262,6 +266,51 @@ class TaskRegistry:
                     outcomes[i] = part[:, : self._entries[jobs[i].task].num_classes]
         return outcomes
 
+    @torch.no_grad()
+    def infer_tasks(
+        self, images: list[bytes], rule: str, threshold: float | None, max_pixels: int
+    ) -> list[tuple[TaskEntry | None, float, torch.Tensor | None]]:
+        """Each image's task among those served (`piggyback.taskinfer`): its entry, score
+        and logits, or (None, the best score, None) where it looks like none of them.
+
+        Images are decoded once per input spec the tasks use, outside the model lock; the
+        scores of tasks of different specs compare, each being the task's own measure.
+        """
+        entries = [e for e in self.entries() if rule != "calibrated" or e.calibrated]
+        if not entries:
+            raise ConfigError(
+                f"no served task can infer with rule {rule!r} (tasks saved by `fit` carry "
+                "the calibration it needs); start the server with --infer-rule entropy"
+            )
+        by_spec: dict[InputSpec, list[TaskEntry]] = {}
+        for entry in entries:
+            by_spec.setdefault(entry.spec, []).append(entry)
+        batches = {spec: to_batch(images, spec, max_pixels) for spec in by_spec}
+        order: list[TaskEntry] = []
+        scores, logits = [], {}
+        with self._lock:
+            device = next(self.model.parameters()).device
+            for spec, group in by_spec.items():
+                names = [entry.name for entry in group if entry.name in self._entries]
+                if not names:
+                    continue  # deleted meanwhile
+                found = self.model.infer_task(
+                    batches[spec].to(device), tasks=names, rule=rule, threshold=0.0
+                )
+                order += [self._entries[name] for name in names]
+                scores.append(found.candidate_scores.cpu())
+                logits.update({name: value.cpu() for name, value in found.logits.items()})
+        if not order:
+            raise UnknownTaskError("every task was deleted while inferring")
+        best, index = torch.cat(scores, 1).max(1)
+        threshold = DEFAULT_THRESHOLDS[rule] if threshold is None else threshold
+        return [
+            (order[j], score, logits[order[j].name][i])
+            if score >= threshold
+            else (None, score, None)
+            for i, (score, j) in enumerate(zip(best.tolist(), index.tolist(), strict=True))
+        ]
+
     # --------------------------------------------------------------- helpers
     def _prepare(self, path: Path) -> tuple[PreparedTask, TaskEntry]:
         """Read, check and decode the task file at `path` for the model, leaving the model
@@ -288,6 +337,7 @@ class TaskRegistry:
             class_names=prepared.class_names,
             spec=spec,
             mask={k: v for k, v in meta["mask"].items() if k != "layers"},
+            calibrated=CALIBRATION_KEY in (meta.get("metadata") or {}),
         )
         return prepared, entry
 
