@@ -300,8 +300,8 @@ def resident_memory(
             added += 1
         held = sum(
             b.numel() * b.element_size()
-            for n, b in model.named_buffers()
-            if ".packed.resident" in n
+            for n, b in model.bank.bits.named_buffers()
+            if n.startswith("resident")
         )
         heads = sum(p.numel() * p.element_size() for p in model.head.heads.parameters())
         row[f"tasks{count}_mb"] = (held + heads) / 2**20

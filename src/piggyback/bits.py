@@ -70,18 +70,31 @@ def pack_mask(mask: torch.Tensor, kind: MaskKind) -> torch.Tensor:
 
 
 def unpack_mask(
-    packed: torch.Tensor, numel: int, kind: MaskKind, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor,
+    numel: int,
+    kind: MaskKind,
+    dtype: torch.dtype = torch.float32,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Inverse of `pack_mask`: the first `numel` values, flat, as `dtype` (bool: nonzero)."""
-    bits = bits_per_value(kind)
-    if kind == "binary" and packed.device.type == "cpu":
-        codes = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little"))
-    else:
-        shifts = torch.arange(8 // bits, device=packed.device, dtype=torch.uint8) * bits
-        codes = ((packed.view(-1, 1) >> shifts) & ((1 << bits) - 1)).flatten()[:numel]
-    if dtype == torch.bool:
-        return codes != -_LOWEST[kind]  # the code of the value 0
+    """Inverse of `pack_mask`: `numel` values from the `start`-th on, flat, as `dtype`
+    (bool: nonzero). Only the bytes holding them are read, on the packed tensor's device."""
+    codes = unpack_codes(packed, numel, kind, start)
+    if dtype == torch.bool:  # binary codes are already 0/1: a free reinterpretation
+        return codes.view(torch.bool) if kind == "binary" else codes != -_LOWEST[kind]
     return codes.to(dtype) + _LOWEST[kind] if _LOWEST[kind] else codes.to(dtype)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int, kind: MaskKind, start: int = 0) -> torch.Tensor:
+    """The uint8 codes (value - lowest) of `numel` values from the `start`-th on, flat."""
+    bits = bits_per_value(kind)
+    per_byte = 8 // bits
+    first, skip = divmod(start, per_byte)
+    packed = packed[first : first + math.ceil((skip + numel) / per_byte)]
+    if kind == "binary" and packed.device.type == "cpu":
+        codes = np.unpackbits(packed.numpy(), count=skip + numel, bitorder="little")
+        return torch.from_numpy(codes[skip:])
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    return ((packed.view(-1, 1) >> shifts) & ((1 << bits) - 1)).flatten()[skip : skip + numel]
 
 
 def empirical_entropy_bits(mask: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import MaskBank
 from .bits import MaskKind, bits_per_value, empirical_entropy_bits
 from .config import MaskConfig, matches
 from .errors import ConfigError, UnknownTaskError
@@ -121,6 +122,11 @@ class PiggybackModel(nn.Module):
         # Every wrapper is made (and so checked) before the backbone changes: a refusal
         # leaves the caller's backbone as it was.
         self.masked_layers = {n: MaskedLayer(_get(backbone, n), self.config) for n in targets}
+        self.bank = MaskBank([layer.frozen.numel() for layer in self.masked_layers.values()])
+        start = 0
+        for layer in self.masked_layers.values():
+            layer.attach(self.bank, start)
+            start += layer.frozen.numel()
         head = TaskHead(_get(backbone, self.head_name))
         for name in reversed(targets):  # innermost first: an attention's out_proj, then it
             _replace(backbone, name, self.masked_layers[name])
@@ -165,11 +171,11 @@ class PiggybackModel(nn.Module):
             raise ConfigError(f"metadata must be a mapping, got {type(metadata).__name__}") from exc
         train_bn = self.config.train_bn if train_bn is None else train_bn
         try:
-            for layer_name, layer in self.masked_layers.items():
-                if masks is None:
+            if masks is None:
+                for layer in self.masked_layers.values():
                     layer.add_task(name)
-                else:
-                    layer.store_mask(name, masks[layer_name], mask_kind)
+            else:
+                self._store(name, [masks[n] for n in self.masked_layers], mask_kind)
             self.head.add_task(name, num_classes)
             if train_bn:
                 for norm in self.norms.values():
@@ -177,6 +183,7 @@ class PiggybackModel(nn.Module):
         except BaseException:  # all or nothing: no layer keeps a half-added task
             for module in self._task_modules():
                 module.remove_task(name)
+            self.bank.remove(name)
             raise
         names = None if class_names is None else [str(c) for c in class_names]
         self.task_info[name] = TaskInfo(num_classes, names, train_bn, metadata)
@@ -226,6 +233,7 @@ class PiggybackModel(nn.Module):
         self._check_task(name)
         for module in self._task_modules():
             module.remove_task(name)
+        self.bank.remove(name)
         del self.task_info[name]
         if self.active_task == name:
             self.set_task(None)
@@ -234,8 +242,10 @@ class PiggybackModel(nn.Module):
         """Turn a trained task into what its task file keeps: scores into packed masks
         (1-2 bits per weight), its own norm layers rounded to 16 bits."""
         self._check_task(name)
-        for layer in self.masked_layers.values():
-            layer.freeze_task(name)
+        if self.is_trainable(name):
+            with torch.no_grad():
+                masks = [layer.mask(name) for layer in self.masked_layers.values()]
+            self._store(name, masks, self.mask_kind(name))
         for norm in self.norms.values():
             norm.freeze_task(name)
 
@@ -333,35 +343,48 @@ class PiggybackModel(nn.Module):
         class counts, the logits are padded on the right with -inf.
         """
         if task_names is None:
+            self._derive(self.active_task)
             return self.backbone(*args, **kwargs)
         return self._forward_mixed(list(task_names), args, kwargs)
 
     def _forward_mixed(
         self, task_names: list[str], args: tuple, kwargs: dict[str, Any]
     ) -> torch.Tensor:
+        """Samples gathered by task (one index for the batch, so no transfer per group), each
+        task's rows run as one contiguous slice with that task's weights derived once."""
         batch = _batch_size(args, kwargs)
         if len(task_names) != batch:
             raise ConfigError(f"{len(task_names)} task names for a batch of {batch} samples")
-        for name in dict.fromkeys(task_names):
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(task_names):
+            groups.setdefault(name, []).append(row)
+        for name in groups:
             self._check_task(name)
-        groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        order = [row for rows in groups.values() for row in rows]
+        index = torch.tensor(order, device=_first_tensor(args, kwargs).device)
+        if order != list(range(batch)):
+            args = tuple(_take(a, index, batch) for a in args)
+            kwargs = {k: _take(v, index, batch) for k, v in kwargs.items()}
+        outputs, start = [], 0
         try:
-            for task in dict.fromkeys(task_names):
-                rows = [i for i, t in enumerate(task_names) if t == task]
-                index = torch.tensor(rows, device=_first_tensor(args, kwargs).device)
+            for task, rows in groups.items():
+                rows_of = slice(start, start + len(rows))
+                start += len(rows)
                 self._activate(task)
-                sub_args = tuple(_take(a, index, batch) for a in args)
-                sub_kwargs = {k: _take(v, index, batch) for k, v in kwargs.items()}
-                groups.append((index, self.backbone(*sub_args, **sub_kwargs)))
+                self._derive(task)
+                sub_args = tuple(_rows(a, rows_of, batch) for a in args)
+                sub_kwargs = {k: _rows(v, rows_of, batch) for k, v in kwargs.items()}
+                outputs.append(self.backbone(*sub_args, **sub_kwargs))
         finally:
             self._activate(self.active_task)
-        return _assemble(groups, batch)
+        return _assemble(outputs, index)
 
     def train(self, mode: bool = True) -> PiggybackModel:
-        """As nn.Module.train; also drops cached masked weights, which training makes stale."""
+        """As nn.Module.train; also forgets cached masked weights, which training makes
+        stale, and in training mode frees their memory too."""
         super().train(mode)
         for layer in self.masked_layers.values():
-            layer.clear_cache()
+            layer.clear_cache(release=mode)
         return self
 
     # ------------------------------------------------------------ unwrapping
@@ -416,6 +439,25 @@ class PiggybackModel(nn.Module):
     def _activate(self, task: str | None) -> None:
         for module in self._task_modules():
             module.active_task = task
+
+    def _store(self, name: str, masks: list[torch.Tensor], kind: MaskKind) -> None:
+        """Keep `masks` (one per masked layer, in order) as `name`'s packed bits."""
+        device = next(iter(self.masked_layers.values())).frozen.device
+        self.bank.store(name, masks, kind, device)
+        for layer in self.masked_layers.values():
+            layer.stored(name, kind)
+
+    def _derive(self, task: str | None) -> None:
+        """Before a forward without autograd: every layer's stale W * mask for a stored
+        `task`, off the CPU from one unpack of the whole task (layers would otherwise
+        derive their own as the forward reaches them, a chain of kernels each)."""
+        if task is None or torch.is_grad_enabled() or task not in self.bank:
+            return
+        stale = [layer for layer in self.masked_layers.values() if layer.is_stale(task)]
+        keep = self.bank.keep_all(task) if stale else None
+        for layer in stale:
+            numel = layer.frozen.numel()
+            layer.derive(task, None if keep is None else keep[layer.start : layer.start + numel])
 
     def _check_task(self, name: str) -> None:
         if name not in self.task_info:
@@ -530,6 +572,12 @@ def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def _rows(value: Any, rows: slice, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    return value
+
+
 def _logits(output: Any) -> torch.Tensor:
     """A backbone's output as a tensor: itself, or the `logits` of an output object
     (Hugging Face models return one)."""
@@ -542,16 +590,14 @@ def _logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _assemble(groups: list[tuple[torch.Tensor, Any]], batch: int) -> torch.Tensor:
-    """Put each group's logits back at its rows, padding with -inf if widths differ."""
-    outputs = [_logits(out) for _, out in groups]
-    if len({o.shape[1:] for o in outputs}) > 1:
-        if any(o.dim() != 2 for o in outputs):
+def _assemble(outputs: list[Any], index: torch.Tensor) -> torch.Tensor:
+    """The groups' logits, in `index` order, put back at their rows; padded with -inf if
+    their widths differ."""
+    logits = [_logits(out) for out in outputs]
+    if len({o.shape[1:] for o in logits}) > 1:
+        if any(o.dim() != 2 for o in logits):
             raise ConfigError("tasks in a mixed batch give outputs of different shapes")
-        width = max(o.shape[1] for o in outputs)
-        outputs = [F.pad(o, (0, width - o.shape[1]), value=float("-inf")) for o in outputs]
-    first = outputs[0]
-    result = first.new_zeros((batch, *first.shape[1:]))
-    for (index, _), out in zip(groups, outputs, strict=True):
-        result = result.index_copy(0, index, out)
-    return result
+        width = max(o.shape[1] for o in logits)
+        logits = [F.pad(o, (0, width - o.shape[1]), value=float("-inf")) for o in logits]
+    grouped = torch.cat(logits)
+    return torch.empty_like(grouped).index_copy_(0, index, grouped)
