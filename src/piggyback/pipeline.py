@@ -18,7 +18,7 @@ from .errors import BackboneMismatchError, ConfigError
 from .images import open_image
 from .layers import masked_parameter
 from .model import PiggybackModel
-from .store import load_task, read_task_file, task_config
+from .store import read_task_file, task_config
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def open_task(
     spec = recorded_spec(source, net, path)
     spec = spec if size is None else replace(spec, size=size)
     model = PiggybackModel(net, source["config"])
-    task = load_task(model, path, read=contents)
+    task = model.load_task(path, read=contents)
     model.set_task(task)
     return model.eval(), task, spec
 
