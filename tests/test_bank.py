@@ -14,6 +14,7 @@ from torch import nn
 from piggyback import MaskConfig, PiggybackModel
 from piggyback.bank import MaskBank, masked_into
 from piggyback.bits import unpack_mask
+from piggyback.layers import copy_leaf
 
 INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
           torch.bfloat16: torch.int16}  # fmt: skip
@@ -153,3 +154,21 @@ def test_stored_masks_are_one_flat_buffer_per_task_in_the_state_dict() -> None:
     assert all(torch.equal(model.masks("b")[n], m) for n, m in masks["b"].items())
     model.remove_task("b")
     assert "bank.bits.b" not in model.state_dict() and "b" not in model.bank
+
+
+@pytest.mark.parametrize(
+    "norm", [nn.BatchNorm2d(4), nn.LayerNorm(6), nn.GroupNorm(2, 4), nn.InstanceNorm1d(3)]
+)
+def test_a_tasks_norm_copy_shares_nothing_with_the_backbones(norm: nn.Module) -> None:
+    """What deepcopy gave: equal state, tensors, hooks and containers of its own."""
+    norm.register_forward_hook(lambda *_: None)
+    copied = copy_leaf(norm)
+    assert type(copied) is type(norm) and copied.state_dict().keys() == norm.state_dict().keys()
+    for key, value in copied.state_dict().items():
+        assert torch.equal(value, norm.state_dict()[key])
+        assert value.data_ptr() != norm.state_dict()[key].data_ptr() or value.numel() == 0
+    for name, value in vars(norm).items():
+        if isinstance(value, dict | set | list):
+            assert vars(copied)[name] is not value, name
+    copied.register_forward_hook(lambda *_: None)
+    assert len(norm._forward_hooks) == 1 and len(copied._forward_hooks) == 2
