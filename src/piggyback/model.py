@@ -150,6 +150,7 @@ class PiggybackModel(nn.Module):
         self.backbone = backbone
         self.task_info: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
+        self._fits: ModelShape | None = None
 
     # ----------------------------------------------------------------- tasks
     @property
@@ -520,7 +521,13 @@ class PiggybackModel(nn.Module):
         )
 
     def _shape(self) -> ModelShape:
-        """What a task file must fit in this model."""
+        """What a task file must fit in this model: fixed once it is wrapped, so worked
+        out once (it reads every norm layer's state)."""
+        if self._fits is None:
+            self._fits = self._work_out_shape()
+        return self._fits
+
+    def _work_out_shape(self) -> ModelShape:
         return ModelShape(
             fingerprint=self.fingerprint,
             class_name=type(self.backbone).__name__,
