@@ -46,7 +46,8 @@ def random_masks(shapes: list[tuple[int, ...]], kind: str, seed: int) -> list[to
     return [torch.randint(low, 2, shape, generator=generator, dtype=torch.int8) for shape in shapes]
 
 
-SHAPES = [(3, 5), (7,), (2, 3, 3, 3), (1,), (4, 9)]  # numels 15, 7, 54, 1, 36: unaligned starts
+SHAPES = [(3, 5), (7,), (2, 3, 3, 3), (1,), (2**18 + 9,), (4, 9)]  # unaligned starts; and
+# one weight of more values than the CPU path unpacks at a time (2 ** 18)
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
