@@ -173,3 +173,14 @@ def test_a_tasks_norm_copy_shares_nothing_with_the_backbones(norm: nn.Module) ->
             assert vars(copied)[name] is not value, name
     copied.register_forward_hook(lambda *_: None)
     assert len(norm._forward_hooks) == 1 and len(copied._forward_hooks) == 2
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_weights_derived_under_inference_mode_are_not_written_outside_it(kind: str) -> None:
+    model, masks = stored_model(kind)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        model.set_task("a")(x)
+    with torch.no_grad():
+        out = model.set_task("b")(x)
+    assert same_bits(out, reference_forward(model, "b", masks["b"], kind, x))

@@ -197,6 +197,8 @@ class MaskedLayer(TaskModule):
         held, weight = self._cached, self.frozen
         if held is None or sys.getrefcount(held) > 3:
             return None
+        if held.is_inference() and not torch.is_inference_mode_enabled():
+            return None  # torch refuses to write an inference tensor outside inference mode
         fits = (held.shape, held.dtype, held.device) == (weight.shape, weight.dtype, weight.device)
         return held if fits and held.is_contiguous() else None
 
