@@ -57,6 +57,25 @@ def median_seconds(
     return statistics.median(times)
 
 
+def interleaved_seconds(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeat: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each of `fns`, run in turns (A, B, A, B...) so that a machine
+    whose speed drifts (other processes, clocks) moves every figure alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as a markdown table; floats get 3 significant decimals, missing cells stay empty."""
 

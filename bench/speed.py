@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -31,15 +33,16 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from _common import markdown_table, median_seconds, write_results
+from _common import interleaved_seconds, markdown_table, median_seconds, write_results
 from torch import nn
 from torch.nn.utils import parametrize
 
-from piggyback import PiggybackModel
+from piggyback import PiggybackModel, read_task_file
 from piggyback.backbones import create_backbone
 
 BUILDERS: dict[str, Callable[[int], nn.Module]] = {
@@ -211,64 +214,130 @@ def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
     baked = model.bake("task").to(device)
     reference = parametrized(plain, {n: m.float() for n, m in masks.items()})
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model.set_task("task")
 
-    def timed(fn: Callable[[], Any]) -> float:
+    def rederived() -> Any:
+        model.train(False)  # forgets every cached W * mask, as a task switch does
+        return model(x)
+
+    def inference(fn: Callable[[], Any]) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad(), autocast(device, args.amp):
                 fn()
 
-        return median_seconds(run, device, args.repeat)
+        return run
 
-    model.set_task("task")
-
-    def rederived() -> Any:
-        model.train(False)  # clears every cached W * mask, as a task switch does
-        return model(x)
-
-    base = timed(lambda: plain(x))
+    fns = {"plain": lambda: plain(x), "baked": lambda: baked(x), "cached": lambda: model(x),
+           "rederived": rederived, "parametrize": lambda: reference(x)}  # fmt: skip
+    times = interleaved_seconds({k: inference(f) for k, f in fns.items()}, device, args.repeat)
+    base = times["plain"]
     return {
         "plain_forward_s": base,
-        "baked_ratio": timed(lambda: baked(x)) / base,
-        "masked_cached_ratio": timed(lambda: model(x)) / base,
-        "masked_rederived_ratio": timed(rederived) / base,
-        "parametrize_ratio": timed(lambda: reference(x)) / base,
+        "baked_ratio": times["baked"] / base,
+        "masked_cached_ratio": times["cached"] / base,
+        "masked_rederived_ratio": times["rederived"] / base,
+        "parametrize_ratio": times["parametrize"] / base,
     }
 
 
 # ------------------------------------------------------------ tasks at once
+def derive_all(model: PiggybackModel, task: str) -> None:
+    """Make `task` ready: active, with every layer's W * mask derived (what its first
+    forward would do before any convolution)."""
+    model.set_task(task)
+    with torch.no_grad():
+        for layer in model.masked_layers.values():
+            layer.masked_weight(task)
+
+
+def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: Any) -> dict:
+    """A switch between two resident tasks against its floor: writing every masked
+    weight of the backbone once into memory that already exists (a copy; torch's on
+    both cores or numpy's on one, whichever is faster)."""
+    device = torch.device(args.device)
+    for task in ("switch_a", "switch_b"):
+        model.add_task(task, 10, masks=masks)
+    model.to(device).eval()
+    weights = [layer.frozen for layer in model.masked_layers.values()]
+    targets = [torch.empty_like(w) for w in weights]
+    turn = ["switch_a"]
+
+    def switch() -> None:
+        turn[0] = "switch_b" if turn[0] == "switch_a" else "switch_a"
+        derive_all(model, turn[0])
+
+    def floor() -> None:
+        for target, weight in zip(targets, weights, strict=True):
+            target.copy_(weight)
+
+    def floor_numpy() -> None:
+        for target, weight in zip(targets, weights, strict=True):
+            np.copyto(target.numpy(), weight.numpy())
+
+    fns = {"switch": switch, "floor": floor}
+    if device.type == "cpu":
+        fns["floor_numpy"] = floor_numpy
+    times = interleaved_seconds(fns, device, 2 * args.repeat + 1)
+    times["floor"] = min(times["floor"], times.get("floor_numpy", times["floor"]))
+    for task in ("switch_a", "switch_b"):
+        model.remove_task(task)
+    return {
+        "switch_ms": 1000 * times["switch"],
+        "write_floor_ms": 1000 * times["floor"],
+        "switch_floor_ratio": times["switch"] / times["floor"],
+    }
+
+
+def bench_load(model: PiggybackModel, masks: dict[str, torch.Tensor], args: Any) -> dict:
+    """A task file to ready weights: reading it (with its checksum and header checks),
+    loading it (checks against the model, decoding, adding), then a switch to it."""
+    model.add_task("file", 10, masks=masks)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save_task("file", Path(tmp) / "file.safetensors")
+        model.remove_task("file")
+        file_bytes = path.stat().st_size
+        read_s, load_s, ready_s = [], [], []
+        for index in range(args.repeat + 1):
+            start = time.perf_counter()
+            read_task_file(path)
+            read_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            task = model.load_task(path, name=f"loaded{index}")
+            load_s.append(time.perf_counter() - start)
+            derive_all(model, task)
+            ready_s.append(time.perf_counter() - start)
+            model.set_task(None)
+            model.remove_task(task)
+    return {
+        "task_file_kb": file_bytes / 1024,
+        "read_ms": 1000 * min(read_s[1:]),
+        "load_ms": 1000 * min(load_s[1:]),
+        "file_to_ready_ms": 1000 * min(ready_s[1:]),
+    }
+
+
 def bench_tasks(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     model = PiggybackModel(build(name, args.size, device)).eval()
     masks = random_masks(model, seed=2)
-    model.add_task("file", 10, masks=masks)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = model.save_task("file", Path(tmp) / "file.safetensors")
-        file_bytes = path.stat().st_size
-        load_s, ready_s = [], []
-        for index in range(args.repeat):
-            start = time.perf_counter()
-            task = model.load_task(path, name=f"loaded{index}")
-            load_s.append(time.perf_counter() - start)
-            with torch.no_grad():
-                for layer in model.masked_layers.values():
-                    layer.masked_weight(task)
-            ready_s.append(time.perf_counter() - start)
-            model.remove_task(task)
-    mixed = mixed_batch(model, masks, args)
-    resident = resident_memory(model, masks, args.resident)
-    return {"task_file_kb": file_bytes / 1024, "load_ms": 1000 * min(load_s),
-            "switch_to_ready_ms": 1000 * min(ready_s), **mixed, **resident}  # fmt: skip
+    row = {**bench_load(model, masks, args), **bench_switch(model, masks, args)}
+    row["file_to_ready_target_ms"] = 20 + row["switch_ms"]
+    row.update(mixed_batch(model, masks, args))
+    if name in args.resident_models:
+        row.update(resident_memory(model, masks, args.resident))
+    return row
 
 
 def mixed_batch(
     model: PiggybackModel, masks: dict[str, torch.Tensor], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One batch of 8 tasks against 8 single-task forwards of the same samples."""
+    """One batch of 8 tasks against 8 single-task forwards of the same samples, each
+    task's weights derived afresh in both (they take turns)."""
     device = torch.device(args.device)
     tasks = [f"mix{i}" for i in range(8)]
     for task in tasks:
         model.add_task(task, 10, masks=masks)
-    model.to(device)
+    model.to(device).eval()
     per_task = max(1, args.batch // 8)
     x = torch.randn(per_task * 8, 3, args.size, args.size, device=device)
     names = [task for task in tasks for _ in range(per_task)]
@@ -278,37 +347,88 @@ def mixed_batch(
             model.set_task(task)
             model(x[index * per_task : (index + 1) * per_task])
 
-    with torch.no_grad():
-        mixed_s = median_seconds(lambda: model(x, task_names=names), device, args.repeat)
-        separate_s = median_seconds(separately, device, args.repeat)
+    def mixed() -> None:
+        model(x, task_names=names)
+
+    with torch.no_grad(), autocast(device, args.amp):
+        times = interleaved_seconds({"mixed": mixed, "separate": separately}, device, args.repeat)
     for task in tasks:
         model.remove_task(task)
-    return {"mixed8_s": mixed_s, "mixed8_ratio": mixed_s / separate_s}
+    return {"mixed8_s": times["mixed"], "mixed8_ratio": times["mixed"] / times["separate"]}
+
+
+def bytes_by_task(model: PiggybackModel, tasks: set[str]) -> dict[str, int]:
+    """Bytes of every tensor in the model's state that belongs to one of `tasks` (its
+    masks, head and norm layers), whatever the layout that holds them."""
+    held = dict.fromkeys(tasks, 0)
+    for key, value in model.state_dict().items():
+        for part in tasks.intersection(key.split(".")):
+            held[part] += value.numel() * value.element_size()
+    return held
 
 
 def resident_memory(
     model: PiggybackModel, masks: dict[str, torch.Tensor], counts: list[int]
 ) -> dict[str, Any]:
-    """Bytes that N stored tasks keep in memory (packed masks + heads) vs the backbone."""
+    """What N tasks loaded from task files (as a server holds them; default recipe: each
+    with its own norm layers) add beside the backbone: their tensors' bytes, and the
+    growth of the process's resident set against the issue's budget N x (bits/8 x
+    masked weights + head + norms)."""
     backbone_bytes = sum(t.numel() * t.element_size() for t in model.base.state_dict().values())
     masked = sum(layer.frozen.numel() for layer in model.masked_layers.values())
     row: dict[str, Any] = {"backbone_mb": backbone_bytes / 2**20}
-    added = 0
-    for count in sorted(counts):
-        while added < count:
-            model.add_task(f"resident{added}", 10, masks=masks)
-            added += 1
-        held = sum(
-            b.numel() * b.element_size()
-            for n, b in model.named_buffers()
-            if ".packed.resident" in n
-        )
-        heads = sum(p.numel() * p.element_size() for p in model.head.heads.parameters())
-        row[f"tasks{count}_mb"] = (held + heads) / 2**20
-        row[f"tasks{count}_bits_per_weight"] = 8 * held / (count * masked)
+    model.add_task("resident", 10, masks=masks)
+    per_task = bytes_by_task(model, {"resident"})["resident"]
+    heads_norms = per_task - math.ceil(masked / 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save_task("resident", Path(tmp) / "resident.safetensors")
+        model.remove_task("resident")
+        gc.collect()
+        before, added = rss_bytes(), 0
+        for count in sorted(counts):
+            while added < count:
+                model.load_task(path, name=f"resident{added}")
+                added += 1
+            grown = rss_bytes() - before
+            held = sum(bytes_by_task(model, {f"resident{i}" for i in range(count)}).values())
+            row[f"tasks{count}_mb"] = held / 2**20
+            row[f"tasks{count}_rss_mb"] = grown / 2**20
+            row[f"tasks{count}_rss_budget_ratio"] = grown / (count * per_task)
+            row[f"tasks{count}_bits_per_weight"] = (
+                8 * (held - count * heads_norms) / (count * masked)
+            )
     for index in range(added):
         model.remove_task(f"resident{index}")
     return row
+
+
+TARGETS = [  # figure, target on the CPU, target on CUDA (the issue's list)
+    ("masked_rederived_ratio", "<= 1.15 (batch 16)", "<= 1.15 (bf16, batch 64)"),
+    ("switch_floor_ratio", "<= 1.5 (ResNet-50)", "switch_ms <= 2 (ResNet-50)"),
+    ("file_to_ready_ms", "<= 20 + switch_ms (ResNet-50)", "<= 10 (ResNet-50)"),
+    ("mixed8_ratio", "<= 1.05", "<= 1.3 at batch 16, <= 1.1 at batch 64"),
+    ("tasks1000_rss_budget_ratio", "<= 1.1 (EfficientNet-Lite0)", "<= 1.1"),
+]
+CUDA_COMMANDS = [
+    "python bench/speed.py --device cuda --amp bf16 --batch 64 --parts inference tasks "
+    "--models resnet50 efficientnet_lite0 --resident-models efficientnet_lite0 "
+    "--out bench/results/speed-cuda-b64.json",
+    "python bench/speed.py --device cuda --amp bf16 --batch 16 --parts tasks "
+    "--models resnet50 efficientnet_lite0 --resident-models "
+    "--out bench/results/speed-cuda-b16.json",
+]
+
+
+def target_rows(results: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """Each figure of the issue's target list beside its target, per model measured."""
+    rows = []
+    for figure, cpu, cuda in TARGETS:
+        for result in results:
+            if figure in result:
+                target = cuda if device == "cuda" else cpu
+                rows.append({"figure": figure, "model": result["model"], "target": target,
+                             "measured": result[figure]})  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------------- main
@@ -318,7 +438,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--resident", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--resident", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--resident-models", nargs="*", default=["efficientnet_lite0"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
@@ -328,7 +450,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.repeat, args.resident = 32, 8, 1, [1, 3]
+        args.resident_models = args.models
     return args
+
+
+PARTS: dict[str, Callable[[str, argparse.Namespace], dict[str, Any]]] = {
+    "training": bench_training,
+    "inference": bench_inference,
+    "tasks": bench_tasks,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,8 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in args.models:
         print(f"== {name}", flush=True)
-        row = {"model": name, **bench_training(name, args), **bench_inference(name, args)}
-        results.append({**row, **bench_tasks(name, args)})
+        row: dict[str, Any] = {"model": name}
+        for part in args.parts:
+            row.update(PARTS[part](name, args))
+        results.append(row)
+    resident = [f"tasks{n}_{what}" for n in args.resident for what in ("mb", "rss_mb")]
     tables = {
         "training step (ratio to full fine-tuning)": [
             "model", "finetune_step_s", "mask_step_s", "step_time_ratio",
@@ -351,16 +484,25 @@ def main(argv: list[str] | None = None) -> None:
             "masked_rederived_ratio", "parametrize_ratio",
         ],
         "tasks": [
-            "model", "task_file_kb", "load_ms", "switch_to_ready_ms", "mixed8_ratio",
-            "backbone_mb", *[f"tasks{n}_mb" for n in args.resident],
+            "model", "task_file_kb", "read_ms", "load_ms", "file_to_ready_ms", "switch_ms",
+            "write_floor_ms", "switch_floor_ratio", "mixed8_ratio",
+        ],
+        "resident tasks": [
+            "model", "backbone_mb", *resident, f"tasks{args.resident[-1]}_rss_budget_ratio",
             f"tasks{args.resident[-1]}_bits_per_weight",
         ],
     }  # fmt: skip
     settings = {k: getattr(args, k) for k in ("size", "batch", "repeat", "device", "amp")}
     print(f"\nsettings: {settings}")
     for title, columns in tables.items():
-        print(f"\n### {title}\n\n{markdown_table(results, columns)}")
-    print(f"\nwrote {write_results(args.out, {'settings': settings, 'results': results})}")
+        if any(column in row for row in results for column in columns[1:]):
+            print(f"\n### {title}\n\n{markdown_table(results, columns)}")
+    targets = target_rows(results, args.device)
+    print(f"\n### targets\n\n{markdown_table(targets, ['figure', 'model', 'target', 'measured'])}")
+    if args.device != "cuda":
+        print("\nCUDA rows: " + "\n           ".join(CUDA_COMMANDS))
+    payload = {"settings": settings, "results": results, "targets": targets}
+    print(f"\nwrote {write_results(args.out, payload)}")
 
 
 if __name__ == "__main__":

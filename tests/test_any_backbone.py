@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from piggyback import ConfigError, MaskConfig, PiggybackModel
-from piggyback.model import _logits
+from piggyback.mixed import logits_of
 from piggyback.store import fingerprint
 
 transformers = pytest.importorskip("transformers")
@@ -113,7 +113,7 @@ def build(name: str) -> tuple[PiggybackModel, torch.Tensor, str]:
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _logits(model(x))
+    return logits_of(model(x))
 
 
 def random_masks(model: PiggybackModel, seed: int) -> dict[str, torch.Tensor]:

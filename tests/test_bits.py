@@ -11,6 +11,7 @@ from piggyback.bits import (
     CODECS,
     _encode_sparse,
     bits_per_value,
+    decode_bits,
     decode_mask,
     empirical_entropy_bits,
     encode_mask,
@@ -70,6 +71,23 @@ def test_every_codec_round_trips(kind: str, codec: str, numel: int, density: flo
     mask = random_mask(numel, density, kind, seed=numel + 1)
     decoded = decode_mask(encode_with(codec, mask, kind), codec, numel, kind)
     assert decoded.dtype == torch.int8 and torch.equal(decoded, mask)
+    bits = decode_bits(encode_with(codec, mask, kind), codec, numel, kind)
+    assert torch.equal(bits, pack_mask(mask, kind))  # what a loaded task keeps
+
+
+def test_decoded_bits_clear_what_follows_the_last_value() -> None:
+    """A packed payload's spare bits (set here by hand) are not kept."""
+    payload = bytes([0xFF, 0xFF])  # 9 values: the 7 bits after the 9th are spare
+    assert decode_bits(payload, "packed", 9, "binary").tolist() == [0xFF, 0x01]
+
+
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_unpack_from_any_start(kind: str) -> None:
+    mask = random_mask(101, 0.5, kind)
+    packed = pack_mask(mask, kind)
+    for start in (0, 1, 3, 8, 9, 50, 100):
+        got = unpack_mask(packed, 101 - start, kind, torch.int8, start=start)
+        assert torch.equal(got, mask[start:])
 
 
 def test_encode_picks_the_smallest_and_reaches_half_a_bit() -> None:

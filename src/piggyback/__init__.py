@@ -16,8 +16,8 @@ from .errors import (
 )
 from .functional import Binarizer, Ternarizer, threshold_scores
 from .layers import MaskedLayer, TaskHead, TaskNorm
-from .model import MaskStats, PiggybackModel
-from .store import fingerprint, load, read_task_file, save
+from .model import MaskStats, PiggybackModel, load, save
+from .store import fingerprint, read_task_file
 
 __version__ = "0.1.0"
 

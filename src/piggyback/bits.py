@@ -70,18 +70,31 @@ def pack_mask(mask: torch.Tensor, kind: MaskKind) -> torch.Tensor:
 
 
 def unpack_mask(
-    packed: torch.Tensor, numel: int, kind: MaskKind, dtype: torch.dtype = torch.float32
+    packed: torch.Tensor,
+    numel: int,
+    kind: MaskKind,
+    dtype: torch.dtype = torch.float32,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Inverse of `pack_mask`: the first `numel` values, flat, as `dtype` (bool: nonzero)."""
-    bits = bits_per_value(kind)
-    if kind == "binary" and packed.device.type == "cpu":
-        codes = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little"))
-    else:
-        shifts = torch.arange(8 // bits, device=packed.device, dtype=torch.uint8) * bits
-        codes = ((packed.view(-1, 1) >> shifts) & ((1 << bits) - 1)).flatten()[:numel]
-    if dtype == torch.bool:
-        return codes != -_LOWEST[kind]  # the code of the value 0
+    """Inverse of `pack_mask`: `numel` values from the `start`-th on, flat, as `dtype`
+    (bool: nonzero). Only the bytes holding them are read, on the packed tensor's device."""
+    codes = unpack_codes(packed, numel, kind, start)
+    if dtype == torch.bool:  # binary codes are already 0/1: a free reinterpretation
+        return codes.view(torch.bool) if kind == "binary" else codes != -_LOWEST[kind]
     return codes.to(dtype) + _LOWEST[kind] if _LOWEST[kind] else codes.to(dtype)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int, kind: MaskKind, start: int = 0) -> torch.Tensor:
+    """The uint8 codes (value - lowest) of `numel` values from the `start`-th on, flat."""
+    bits = bits_per_value(kind)
+    per_byte = 8 // bits
+    first, skip = divmod(start, per_byte)
+    packed = packed[first : first + math.ceil((skip + numel) / per_byte)]
+    if kind == "binary" and packed.device.type == "cpu":
+        codes = np.unpackbits(packed.numpy(), count=skip + numel, bitorder="little")
+        return torch.from_numpy(codes[skip:])
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    return ((packed.view(-1, 1) >> shifts) & ((1 << bits) - 1)).flatten()[skip : skip + numel]
 
 
 def empirical_entropy_bits(mask: torch.Tensor) -> float:
@@ -132,13 +145,38 @@ def _encode_sparse(flat: torch.Tensor, kind: MaskKind) -> bytes:
     return _compress(header + body)
 
 
-def decode_mask(payload: bytes, codec: str, numel: int, kind: MaskKind) -> torch.Tensor:
-    """Inverse of `encode_mask`: a flat int8 CPU tensor; any damage is a TaskFileError."""
+def decode_bits(payload: bytes, codec: str, numel: int, kind: MaskKind) -> torch.Tensor:
+    """Inverse of `encode_mask` into `pack_mask`'s layout (flat uint8 on the CPU): what a
+    loaded task keeps. A binary mask stored packed is its own bytes, never unpacked."""
+    if codec in ("packed", "packed-zstd") and kind == "binary":
+        packed_size = _packed_size(numel, kind)
+        data = payload if codec == "packed" else _decompress(payload, packed_size)
+        if len(data) != packed_size:
+            raise TaskFileError(
+                f"mask payload holds {len(data)} bytes; {numel} {kind} values need {packed_size}"
+            )
+        packed = np.frombuffer(data, np.uint8).copy()
+        if numel % 8:  # bits past the last value: zero, as pack_mask leaves them
+            packed[-1] &= (1 << numel % 8) - 1
+        return torch.from_numpy(packed)
+    values = decode_mask(payload, codec, numel, kind)
+    if kind == "binary":  # values are 0/1 already: no check or conversion to repeat
+        return torch.from_numpy(np.packbits(values.numpy().view(np.uint8), bitorder="little"))
+    return pack_mask(values, kind)
+
+
+def _packed_size(numel: int, kind: MaskKind) -> int:
+    """Bytes `numel` values of `kind` pack into; a bad kind or size is a TaskFileError."""
     if kind not in _BITS:
         raise TaskFileError(f"mask kind {kind!r} is not one of {sorted(_BITS)}")
-    if not isinstance(numel, int) or numel < 0:
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise TaskFileError(f"mask size {numel!r} is not a non-negative integer")
-    packed_size = math.ceil(numel * _BITS[kind] / 8)
+    return math.ceil(numel * _BITS[kind] / 8)
+
+
+def decode_mask(payload: bytes, codec: str, numel: int, kind: MaskKind) -> torch.Tensor:
+    """Inverse of `encode_mask`: a flat int8 CPU tensor; any damage is a TaskFileError."""
+    packed_size = _packed_size(numel, kind)
     if codec == "packed":
         return _decode_packed(payload, packed_size, numel, kind)
     if codec == "packed-zstd":

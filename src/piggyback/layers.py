@@ -8,14 +8,16 @@ forward pass uses (None: the plain backbone).
 from __future__ import annotations
 
 import copy
-from typing import Any
+import sys
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .bits import MaskKind, pack_mask, unpack_mask
+from .bank import MaskBank, masked_into
+from .bits import MaskKind
 from .config import MaskConfig
 from .errors import ConfigError, UnknownTaskError
 from .functional import MASK_KINDS, init_scores, threshold_scores
@@ -75,12 +77,14 @@ class MaskedLayer(TaskModule):
     """A conv, linear or attention layer whose frozen weight is multiplied by a per-task
     mask (the parameter `MASKED_PARAMETER` names: ``weight``, or ``in_proj_weight``).
 
-    A task is either trainable (fp32 scores, thresholded each forward) or stored
-    (a bit-packed mask, 1 or 2 bits per weight). Under `torch.no_grad` the masked
-    weight of the last task used is cached, so inference does not re-threshold or
-    unpack on every call. Reading the masked parameter by name (``layer.weight``)
-    gives the active task's masked weight, so parents that read it directly see the
-    mask too (and pass the scores their gradient); `frozen` is the backbone's own.
+    A task is either trainable (fp32 scores, thresholded each forward) or stored (its
+    bit-packed mask in the model's `MaskBank`, from this layer's `start`). Under
+    `torch.no_grad` the masked weight of the last task used is cached, so inference
+    does not re-threshold or unpack on every call; a task switch rewrites the cached
+    tensor in place unless someone else holds it (`clone` a weight to keep it across
+    switches). Reading the masked parameter by name (``layer.weight``) gives the active
+    task's masked weight, so parents that read it directly see the mask too (and pass
+    the scores their gradient); `frozen` is the backbone's own.
 
     Example:
         >>> layer = MaskedLayer(nn.Linear(4, 2), MaskConfig())
@@ -95,9 +99,16 @@ class MaskedLayer(TaskModule):
         self.parameter = parameter
         self.config = config
         self.scores = nn.ParameterDict()
-        self.packed = _BufferDict()
         self.kinds: dict[str, MaskKind] = {}
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.__dict__["bank"] = None  # the model's, set by `attach`; not a submodule
+        self.start = 0
+        self._key: tuple | None = None  # what `_cached` holds: task, source version, device
+        self._cached: torch.Tensor | None = None
+
+    def attach(self, bank: MaskBank, start: int) -> None:
+        """Read stored tasks' masks from `bank`, this layer's values from the `start`-th."""
+        self.__dict__["bank"] = bank
+        self.start = start
 
     @property
     def frozen(self) -> torch.Tensor:
@@ -126,31 +137,18 @@ class MaskedLayer(TaskModule):
         self.scores[task] = nn.Parameter(scores)
         self.kinds[task] = MASK_KINDS[self.config.threshold_fn]
 
-    def store_mask(self, task: str, mask: torch.Tensor, kind: MaskKind) -> None:
-        """Hold `task` as a fixed bit-packed mask (replacing any scores it had)."""
-        if mask.shape != self.frozen.shape:
-            raise ConfigError(
-                f"mask for task {task!r} has shape {tuple(mask.shape)}; the layer's weight "
-                f"has shape {tuple(self.frozen.shape)}"
-            )
-        packed = pack_mask(mask.to(self.frozen.device), kind)
+    def stored(self, task: str, kind: MaskKind) -> None:
+        """`task`'s mask is now in the bank: drop any scores it had."""
         if task in self.scores:
             del self.scores[task]
-        self.packed[task] = packed
         self.kinds[task] = kind
-        self._cache = None
-
-    def freeze_task(self, task: str) -> None:
-        """Replace trainable scores by their packed mask: 32 bits per weight down to 1-2."""
-        if task in self.scores:
-            self.store_mask(task, self.mask(task).detach(), self.kinds[task])
+        self._key = None
 
     def remove_task(self, task: str) -> None:
         if task in self.scores:
             del self.scores[task]
-        self.packed.pop(task)
         self.kinds.pop(task, None)
-        self._cache = None
+        self._key = None
 
     def mask(self, task: str) -> torch.Tensor:
         """The task's mask as fp32, shaped like the weight; differentiable for trainable tasks."""
@@ -158,35 +156,68 @@ class MaskedLayer(TaskModule):
             return threshold_scores(
                 self.scores[task], self.config.threshold, self.config.threshold_fn
             )
-        if task not in self.kinds:
+        if task not in self.kinds or self.bank is None:
             raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
-        flat = unpack_mask(self.packed[task], self.frozen.numel(), self.kinds[task])
-        return flat.view(self.frozen.shape)
+        return self.bank.values(task, self.start, self.frozen.numel()).view(self.frozen.shape)
 
     def masked_weight(self, task: str | None) -> torch.Tensor:
         """W * mask for `task` (W itself for None); cached while autograd is off."""
-        weight = self.frozen
         if task is None:
-            return weight
+            return self.frozen
         if torch.is_grad_enabled():
-            return self._apply_mask(task)
-        source = self.scores[task] if task in self.scores else self.packed[task]
-        key = (task, id(source), source._version, weight.device, weight.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._apply_mask(task))
-        return self._cache[1]
+            return self._apply_mask(task, out=None)
+        return self.derive(task) if self.is_stale(task) else cast(torch.Tensor, self._cached)
 
-    def _apply_mask(self, task: str) -> torch.Tensor:
-        """W * mask; a stored binary mask selects W through a bool tensor, which skips
-        materialising a float mask (the cost of every task switch at inference)."""
+    def is_stale(self, task: str) -> bool:
+        """Whether the cache does not hold `task`'s current masked weight."""
+        return self._key != self._cache_key(task)
+
+    def derive(self, task: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache `task`'s masked weight, reusing the cached tensor's memory when no one else
+        holds it (a fresh allocation costs more than the product). `keep`: this layer's
+        slice of `MaskBank.keep_all`."""
+        out, self._cached, self._key = self._reusable(), None, None
+        self._cached = self._apply_mask(task, out, keep)
+        self._key = self._cache_key(task)
+        return self._cached
+
+    def _cache_key(self, task: str) -> tuple:
+        if task in self.scores:
+            source = self.scores[task]
+        elif task in self.kinds and self.bank is not None:
+            source = self.bank.packed(task)
+        else:
+            raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
         weight = self.frozen
-        if task in self.scores or self.kinds[task] != "binary":
-            return weight * self.mask(task).to(weight.dtype)
-        keep = unpack_mask(self.packed[task], weight.numel(), "binary", dtype=torch.bool)
-        return torch.where(keep.view(weight.shape), weight, weight.new_zeros(()))
+        return (task, id(source), source._version, weight.device, weight.dtype)
 
-    def clear_cache(self) -> None:
-        self._cache = None
+    def _reusable(self) -> torch.Tensor | None:
+        """The cached tensor, if it fits the weight and only this layer refers to it: the
+        attribute, this frame's name and getrefcount's argument."""
+        held, weight = self._cached, self.frozen
+        if held is None or sys.getrefcount(held) > 3:
+            return None
+        if held.is_inference() and not torch.is_inference_mode_enabled():
+            return None  # torch refuses to write an inference tensor outside inference mode
+        fits = (held.shape, held.dtype, held.device) == (weight.shape, weight.dtype, weight.device)
+        return held if fits and held.is_contiguous() else None
+
+    def _apply_mask(
+        self, task: str, out: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """W * mask, into `out` when given; a stored mask is never made a float tensor."""
+        weight = self.frozen
+        if task in self.scores:
+            return torch.mul(weight, self.mask(task).to(weight.dtype), out=out)
+        if task not in self.kinds or self.bank is None:
+            raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
+        return masked_into(weight, self.bank, task, self.start, out, keep)
+
+    def clear_cache(self, release: bool = True) -> None:
+        """Forget the cached masked weight; keep its memory for the next one unless `release`."""
+        self._key = None
+        if release:
+            self._cached = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base layer's own computation with the active task's masked weight."""
@@ -237,7 +268,7 @@ class TaskNorm(TaskModule):
         self.norms = nn.ModuleDict()
 
     def add_task(self, task: str) -> None:
-        norm = copy.deepcopy(self.base_layer)
+        norm = copy_leaf(self.base_layer)
         norm.requires_grad_(True)
         norm.train(self.training)
         self.norms[task] = norm
@@ -318,17 +349,21 @@ def new_head(base: nn.Module, num_classes: int) -> nn.Module:
     )
 
 
-class _BufferDict(nn.Module):
-    """Tensors keyed by task name, moved with the module and kept in its state_dict."""
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._buffers
-
-    def pop(self, key: str) -> torch.Tensor | None:
-        return self._buffers.pop(key, None)
+def copy_leaf(module: nn.Module) -> nn.Module:
+    """A copy of `module` with tensors, hooks and containers of its own: what
+    `copy.deepcopy` gives, at a fraction of its cost for a module without children
+    (a task's norm layers are copied whenever one is added or loaded)."""
+    if module._modules:
+        return copy.deepcopy(module)
+    new = copy.copy(module)  # a new __dict__ whose dicts, sets and lists are still shared
+    state = vars(new)
+    for name, value in list(state.items()):
+        if isinstance(value, dict | set | list):
+            state[name] = copy.copy(value)
+    for name, param in new._parameters.items():
+        if param is not None:
+            new._parameters[name] = nn.Parameter(param.detach().clone(), param.requires_grad)
+    for name, buffer in new._buffers.items():
+        if buffer is not None:
+            new._buffers[name] = buffer.clone()
+    return new

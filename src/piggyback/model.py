@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .bits import MaskKind, bits_per_value, empirical_entropy_bits
-from .config import MaskConfig, matches
-from .errors import ConfigError, UnknownTaskError
-from .layers import (
-    MASKABLE_TYPES,
-    NORM_TYPES,
-    MaskedLayer,
-    TaskHead,
-    TaskModule,
-    TaskNorm,
+from .bank import MaskBank
+from .bits import MaskKind, bits_per_value, empirical_entropy_bits, pack_mask
+from .config import MaskConfig
+from .errors import ConfigError, TaskFileNotFoundError, UnknownTaskError
+from .layers import NORM_TYPES, MaskedLayer, TaskHead, TaskModule, TaskNorm
+from .mixed import assemble, batch_size, first_tensor, logits_of, slice_rows, take_rows
+from .store import (
+    SUFFIX,
+    ModelShape,
+    PreparedTask,
+    TaskFileContents,
+    changed_norm_tensors,
+    check_fits,
+    fingerprint,
+    read_task,
+    read_task_file,
+    task_config,
+    task_files,
+    write_task,
+)
+from .targets import (
+    find_head,
+    get_module,
+    refuse_aliases,
+    refuse_untracked_statistics,
+    replace_module,
+    select_targets,
 )
 
 if TYPE_CHECKING:
@@ -110,30 +126,34 @@ class PiggybackModel(nn.Module):
             raise ConfigError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
         if any(isinstance(m, TaskModule) for m in backbone.modules()):
             raise ConfigError("this backbone is already wrapped by a PiggybackModel")
-        from .store import fingerprint
-
         self.config = config or MaskConfig()
         self.fingerprint = fingerprint(backbone)
         backbone.requires_grad_(False)
-        self.head_name = _find_head(backbone, self.config.head)
-        targets = _select_targets(backbone, self.config, self.head_name)
+        self.head_name = find_head(backbone, self.config.head)
+        targets = select_targets(backbone, self.config, self.head_name)
         self.masked_layers: dict[str, MaskedLayer]
         self.norms: dict[str, TaskNorm] = {}
-        _refuse_untracked_statistics(backbone)
-        _refuse_aliases(backbone, [*targets, self.head_name])
+        refuse_untracked_statistics(backbone)
+        refuse_aliases(backbone, [*targets, self.head_name])
         # Every wrapper is made (and so checked) before the backbone changes: a refusal
         # leaves the caller's backbone as it was.
-        self.masked_layers = {n: MaskedLayer(_get(backbone, n), self.config) for n in targets}
-        head = TaskHead(_get(backbone, self.head_name))
+        self.masked_layers = {n: MaskedLayer(get_module(backbone, n), self.config) for n in targets}
+        self.bank = MaskBank([layer.frozen.numel() for layer in self.masked_layers.values()])
+        start = 0
+        for layer in self.masked_layers.values():
+            layer.attach(self.bank, start)
+            start += layer.frozen.numel()
+        head = TaskHead(get_module(backbone, self.head_name))
         for name in reversed(targets):  # innermost first: an attention's out_proj, then it
-            _replace(backbone, name, self.masked_layers[name])
+            replace_module(backbone, name, self.masked_layers[name])
         for name, module in list(backbone.named_modules()):
             if isinstance(module, NORM_TYPES) and not name.startswith(self.head_name + "."):
-                self.norms[name] = _replace(backbone, name, TaskNorm(module))
-        self.head: TaskHead = _replace(backbone, self.head_name, head)
+                self.norms[name] = replace_module(backbone, name, TaskNorm(module))
+        self.head: TaskHead = replace_module(backbone, self.head_name, head)
         self.backbone = backbone
         self.task_info: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
+        self._fits: ModelShape | None = None
 
     # ----------------------------------------------------------------- tasks
     @property
@@ -167,22 +187,32 @@ class PiggybackModel(nn.Module):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"metadata must be a mapping, got {type(metadata).__name__}") from exc
         train_bn = self.config.train_bn if train_bn is None else train_bn
-        try:
-            for layer_name, layer in self.masked_layers.items():
-                if masks is None:
+        names = None if class_names is None else [str(c) for c in class_names]
+
+        def masked_layers_take_it() -> None:
+            if masks is None:
+                for layer in self.masked_layers.values():
                     layer.add_task(name)
-                else:
-                    layer.store_mask(name, masks[layer_name], mask_kind)
-            self.head.add_task(name, num_classes)
-            if train_bn:
+            else:
+                self._store(name, [masks[n] for n in self.masked_layers], mask_kind)
+
+        self._add(name, TaskInfo(num_classes, names, train_bn, metadata), masked_layers_take_it)
+
+    def _add(self, name: str, info: TaskInfo, masked_layers_take_it: Callable[[], None]) -> None:
+        """Every module takes the checked task `name`, or none does (a half-added task is
+        removed before the error goes on)."""
+        try:
+            masked_layers_take_it()
+            self.head.add_task(name, info.num_classes)
+            if info.train_bn:
                 for norm in self.norms.values():
                     norm.add_task(name)
-        except BaseException:  # all or nothing: no layer keeps a half-added task
+        except BaseException:
             for module in self._task_modules():
                 module.remove_task(name)
+            self.bank.remove(name)
             raise
-        names = None if class_names is None else [str(c) for c in class_names]
-        self.task_info[name] = TaskInfo(num_classes, names, train_bn, metadata)
+        self.task_info[name] = info
 
     def check_new_task_name(self, name: str) -> None:
         """Raise ConfigError unless `name` is a valid name that no task has yet."""
@@ -229,6 +259,7 @@ class PiggybackModel(nn.Module):
         self._check_task(name)
         for module in self._task_modules():
             module.remove_task(name)
+        self.bank.remove(name)
         del self.task_info[name]
         if self.active_task == name:
             self.set_task(None)
@@ -237,8 +268,10 @@ class PiggybackModel(nn.Module):
         """Turn a trained task into what its task file keeps: scores into packed masks
         (1-2 bits per weight), its own norm layers rounded to 16 bits."""
         self._check_task(name)
-        for layer in self.masked_layers.values():
-            layer.freeze_task(name)
+        if self.is_trainable(name):
+            with torch.no_grad():
+                masks = [layer.mask(name) for layer in self.masked_layers.values()]
+            self._store(name, masks, self.mask_kind(name))
         for norm in self.norms.values():
             norm.freeze_task(name)
 
@@ -307,7 +340,7 @@ class PiggybackModel(nn.Module):
             self.set_task(probe).eval()
             with torch.enable_grad():
                 output = self.backbone(*args, **kwargs)
-                _logits(output).float().sum().backward()
+                logits_of(output).float().sum().backward()
             silent = [
                 name
                 for name, layer in self.masked_layers.items()
@@ -336,35 +369,48 @@ class PiggybackModel(nn.Module):
         class counts, the logits are padded on the right with -inf.
         """
         if task_names is None:
+            self._derive(self.active_task)
             return self.backbone(*args, **kwargs)
         return self._forward_mixed(list(task_names), args, kwargs)
 
     def _forward_mixed(
         self, task_names: list[str], args: tuple, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        batch = _batch_size(args, kwargs)
+        """Samples gathered by task (one index for the batch, so no transfer per group), each
+        task's rows run as one contiguous slice with that task's weights derived once."""
+        batch = batch_size(args, kwargs)
         if len(task_names) != batch:
             raise ConfigError(f"{len(task_names)} task names for a batch of {batch} samples")
-        for name in dict.fromkeys(task_names):
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(task_names):
+            groups.setdefault(name, []).append(row)
+        for name in groups:
             self._check_task(name)
-        groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        order = [row for rows in groups.values() for row in rows]
+        index = torch.tensor(order, device=first_tensor(args, kwargs).device)
+        if order != list(range(batch)):
+            args = tuple(take_rows(a, index, batch) for a in args)
+            kwargs = {k: take_rows(v, index, batch) for k, v in kwargs.items()}
+        outputs, start = [], 0
         try:
-            for task in dict.fromkeys(task_names):
-                rows = [i for i, t in enumerate(task_names) if t == task]
-                index = torch.tensor(rows, device=_first_tensor(args, kwargs).device)
+            for task, rows in groups.items():
+                rows_of = slice(start, start + len(rows))
+                start += len(rows)
                 self._activate(task)
-                sub_args = tuple(_take(a, index, batch) for a in args)
-                sub_kwargs = {k: _take(v, index, batch) for k, v in kwargs.items()}
-                groups.append((index, self.backbone(*sub_args, **sub_kwargs)))
+                self._derive(task)
+                sub_args = tuple(slice_rows(a, rows_of, batch) for a in args)
+                sub_kwargs = {k: slice_rows(v, rows_of, batch) for k, v in kwargs.items()}
+                outputs.append(self.backbone(*sub_args, **sub_kwargs))
         finally:
             self._activate(self.active_task)
-        return _assemble(groups, batch)
+        return assemble(outputs, index)
 
     def train(self, mode: bool = True) -> PiggybackModel:
-        """As nn.Module.train; also drops cached masked weights, which training makes stale."""
+        """As nn.Module.train; also forgets cached masked weights, which training makes
+        stale, and in training mode frees their memory too."""
         super().train(mode)
         for layer in self.masked_layers.values():
-            layer.clear_cache()
+            layer.clear_cache(release=mode)
         return self
 
     # ------------------------------------------------------------ unwrapping
@@ -424,18 +470,106 @@ class PiggybackModel(nn.Module):
         """Write one task to a safetensors file (atomic); see `piggyback.store`. The task's
         own norm layers are rounded to the 16 bits the file keeps, in memory too: the
         model a user keeps running is the one they saved."""
-        from .store import save_task
-
         self._check_task(task)
         for norm in self.norms.values():
             norm.freeze_task(task)
-        return save_task(self, task, path)
+        return write_task(path, self.prepared(task))
 
-    def load_task(self, path: str | Path, name: str | None = None) -> str:
-        """Load a task file into this model; returns the task's name."""
-        from .store import load_task
+    def load_task(
+        self, path: str | Path, name: str | None = None, *, read: TaskFileContents | None = None
+    ) -> str:
+        """Load a task file into this model; returns the task's name. On any error the
+        model is left exactly as it was. `read`: what `read_task_file(path)` returned."""
+        return self.install_task(self.prepare_task(path, name=name, read=read))
 
-        return load_task(self, path, name=name)
+    def prepare_task(
+        self, path: str | Path, *, name: str | None = None, read: TaskFileContents | None = None
+    ) -> PreparedTask:
+        """Read, decode and check the task file at `path` against this model, leaving the
+        model untouched: the slow and untrusted half of `load_task`."""
+        read = read_task_file(path) if read is None else read
+        self.check_new_task_name(read[0]["task"] if name is None else name)
+        return read_task(path, self._shape(), name=name, read=read)
+
+    def install_task(self, task: PreparedTask) -> str:
+        """Add a task from `prepare_task`, all or nothing; returns its name."""
+        self.check_new_task_name(task.name)
+        norms = check_fits(f"task {task.name!r}", task, self._shape())
+        info = TaskInfo(task.num_classes, task.class_names, task.train_bn, dict(task.metadata))
+
+        def masked_layers_take_it() -> None:
+            device = next(iter(self.masked_layers.values())).frozen.device
+            self.bank.store_bits(task.name, task.bits, task.mask_kind, device)
+            for layer in self.masked_layers.values():
+                layer.stored(task.name, task.mask_kind)
+
+        self._add(task.name, info, masked_layers_take_it)
+        try:
+            self.head.heads[task.name].load_state_dict(task.head)
+            for layer, state in norms.items():
+                own = self.norms[layer].norms[task.name]
+                full = own.state_dict()  # a copy of the backbone's layer: what was not stored
+                full.update({key: value.to(full[key].dtype) for key, value in state.items()})
+                own.load_state_dict(full)
+        except BaseException:
+            self.remove_task(task.name)
+            raise
+        return task.name
+
+    def prepared(self, task: str) -> PreparedTask:
+        """`task` as its file holds it: packed masks, head, the norm tensors it changed."""
+        kind = self.mask_kind(task)  # raises UnknownTaskError for a task the model lacks
+        info = self.task_info[task]
+        if task in self.bank:
+            bits = self.bank.packed(task).cpu()
+        else:
+            with torch.no_grad():
+                flat = torch.cat([m.mask(task).flatten() for m in self.masked_layers.values()])
+            bits = pack_mask(flat.cpu(), kind)
+        norms = {
+            f"{layer_name}.{key}": value
+            for layer_name, norm in self.norms.items()
+            if task in norm.norms
+            for key, value in changed_norm_tensors(norm.norms[task], norm.base_layer).items()
+        }
+        return PreparedTask(
+            name=task,
+            num_classes=info.num_classes,
+            class_names=info.class_names,
+            train_bn=info.train_bn,
+            mask_kind=kind,
+            layers=self._shape().layers,
+            bits=bits,
+            head=self.head.heads[task].state_dict(),
+            norms=norms,
+            metadata=info.metadata,
+            backbone={
+                "fingerprint": self.fingerprint,
+                "class": type(self.backbone).__name__,
+                "head": self.head_name,
+            },
+            config=self.config.to_dict(),
+        )
+
+    def _shape(self) -> ModelShape:
+        """What a task file must fit in this model: fixed once it is wrapped, so worked
+        out once (it reads every norm layer's state)."""
+        if self._fits is None:
+            self._fits = self._work_out_shape()
+        return self._fits
+
+    def _work_out_shape(self) -> ModelShape:
+        return ModelShape(
+            fingerprint=self.fingerprint,
+            class_name=type(self.backbone).__name__,
+            head=self.head_name,
+            head_shapes={k: v.shape for k, v in self.head.base_layer.state_dict().items()},
+            layers=[(n, tuple(m.frozen.shape)) for n, m in self.masked_layers.items()],
+            norms={
+                name: {k: v.shape for k, v in norm.base_layer.state_dict().items()}
+                for name, norm in self.norms.items()
+            },
+        )
 
     # -------------------------------------------------------------- helpers
     def _task_modules(self) -> Iterator[TaskModule]:
@@ -447,6 +581,25 @@ class PiggybackModel(nn.Module):
     def _activate(self, task: str | None) -> None:
         for module in self._task_modules():
             module.active_task = task
+
+    def _store(self, name: str, masks: list[torch.Tensor], kind: MaskKind) -> None:
+        """Keep `masks` (one per masked layer, in order) as `name`'s packed bits."""
+        device = next(iter(self.masked_layers.values())).frozen.device
+        self.bank.store(name, masks, kind, device)
+        for layer in self.masked_layers.values():
+            layer.stored(name, kind)
+
+    def _derive(self, task: str | None) -> None:
+        """Before a forward without autograd: every layer's stale W * mask for a stored
+        `task`, off the CPU from one unpack of the whole task (layers would otherwise
+        derive their own as the forward reaches them, a chain of kernels each)."""
+        if task is None or torch.is_grad_enabled() or task not in self.bank:
+            return
+        stale = [layer for layer in self.masked_layers.values() if layer.is_stale(task)]
+        keep = self.bank.keep_all(task) if stale else None
+        for layer in stale:
+            numel = layer.frozen.numel()
+            layer.derive(task, None if keep is None else keep[layer.start : layer.start + numel])
 
     def _check_task(self, name: str) -> None:
         if name not in self.task_info:
@@ -460,129 +613,25 @@ class PiggybackModel(nn.Module):
         return task
 
 
-def _get(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name)
+def save(model: PiggybackModel, directory: str | Path) -> list[Path]:
+    """Write every task of `model` to `directory`, one task file each."""
+    directory = Path(directory)
+    return [model.save_task(task, directory / f"{task}{SUFFIX}") for task in model.tasks]
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> Any:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-    return new
+def load(
+    directory: str | Path, backbone: nn.Module, config: MaskConfig | None = None
+) -> PiggybackModel:
+    """Wrap `backbone` and load every task file in `directory` (config from the files).
 
-
-def _refuse_untracked_statistics(backbone: nn.Module) -> None:
-    """A layer with running statistics that piggyback does not wrap would update the
-    frozen backbone's statistics in train mode: refuse it, naming it."""
-    for name, module in backbone.named_modules():
-        has_stats = any(b.endswith("running_mean") for b, _ in module.named_buffers(recurse=False))
-        if has_stats and not isinstance(module, NORM_TYPES):
-            raise ConfigError(
-                f"layer {name!r} ({type(module).__name__}) keeps running statistics but is not "
-                f"a norm type piggyback can freeze ({[t.__name__ for t in NORM_TYPES]}); "
-                "training would change the backbone. Replace it, or subclass a supported norm"
-            )
-
-
-def _refuse_aliases(backbone: nn.Module, names: list[str]) -> None:
-    """A layer registered under two names would be wrapped under one and run unmasked
-    under the other: refuse it, naming both."""
-    first: dict[int, str] = {}
-    for name, module in backbone.named_modules(remove_duplicate=False):
-        if first.setdefault(id(module), name) != name and first[id(module)] in names:
-            raise ConfigError(
-                f"layer {first[id(module)]!r} is also registered as {name!r}; piggyback "
-                "masks a layer under one name only: register it once, or exclude it "
-                "with MaskConfig(exclude_modules=[...])"
-            )
-
-
-def _find_head(backbone: nn.Module, head: str | None) -> str:
-    """The classifier's module name: given, timm's get_classifier(), or the last Linear."""
-    names = {id(m): n for n, m in backbone.named_modules() if n}
-    if head is not None:
-        if head not in set(names.values()):
-            raise ConfigError(f"head={head!r} is not a module of this backbone")
-        return head
-    get_classifier = getattr(backbone, "get_classifier", None)
-    if callable(get_classifier):
-        classifier = get_classifier()
-        if isinstance(classifier, nn.Module) and id(classifier) in names:
-            return names[id(classifier)]
-    linear = [n for n, m in backbone.named_modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ConfigError(
-            "found no classifier head (no get_classifier() and no nn.Linear); "
-            "name it with MaskConfig(head='module.name')"
-        )
-    return linear[-1]
-
-
-def _select_targets(backbone: nn.Module, config: MaskConfig, head: str) -> list[str]:
-    """Names of the layers to mask: supported types, picked by the config, never the head."""
-    supported = [
-        n
-        for n, m in backbone.named_modules()
-        if isinstance(m, MASKABLE_TYPES) and n != head and not n.startswith(head + ".")
-    ]
-    chosen = [
-        n
-        for n in supported
-        if (config.target_modules is None or matches(config.target_modules, n))
-        and (config.exclude_modules is None or not matches(config.exclude_modules, n))
-    ]
-    if not chosen:
-        sample = ", ".join(supported[:6]) or "none"
-        raise ConfigError(
-            f"no layer to mask: target_modules={config.target_modules!r}, "
-            f"exclude_modules={config.exclude_modules!r}. Supported types are "
-            f"{[t.__name__ for t in MASKABLE_TYPES]}; such layers here: {sample}"
-        )
-    return chosen
-
-
-def _first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    raise ConfigError("a mixed-task batch needs at least one tensor input")
-
-
-def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
-    tensor = _first_tensor(args, kwargs)
-    if tensor.dim() == 0:
-        raise ConfigError("a mixed-task batch needs batched inputs (first dimension = samples)")
-    return tensor.shape[0]
-
-
-def _take(value: Any, index: torch.Tensor, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.index_select(0, index)
-    return value
-
-
-def _logits(output: Any) -> torch.Tensor:
-    """A backbone's output as a tensor: itself, or the `logits` of an output object
-    (Hugging Face models return one)."""
-    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise ConfigError(
-            f"the backbone returned a {type(output).__name__}; piggyback needs a tensor of "
-            "logits or an object with a `logits` tensor"
-        )
-    return logits
-
-
-def _assemble(groups: list[tuple[torch.Tensor, Any]], batch: int) -> torch.Tensor:
-    """Put each group's logits back at its rows, padding with -inf if widths differ."""
-    outputs = [_logits(out) for _, out in groups]
-    if len({o.shape[1:] for o in outputs}) > 1:
-        if any(o.dim() != 2 for o in outputs):
-            raise ConfigError("tasks in a mixed batch give outputs of different shapes")
-        width = max(o.shape[1] for o in outputs)
-        outputs = [F.pad(o, (0, width - o.shape[1]), value=float("-inf")) for o in outputs]
-    first = outputs[0]
-    result = first.new_zeros((batch, *first.shape[1:]))
-    for (index, _), out in zip(groups, outputs, strict=True):
-        result = result.index_copy(0, index, out)
-    return result
+    The model comes back in eval mode, ready for inference, like any loaded model.
+    """
+    files = task_files(directory)
+    if not files:
+        raise TaskFileNotFoundError(f"no {SUFFIX} task files in {str(directory)!r}")
+    if config is None:
+        config = task_config(read_task_file(files[0])[0])
+    model = PiggybackModel(backbone, config)
+    for file in files:
+        model.load_task(file)
+    return model.eval()

@@ -17,7 +17,7 @@ from .errors import BackboneMismatchError, ConfigError, PiggybackError
 from .images import open_image
 from .layers import masked_parameter
 from .model import PiggybackModel
-from .store import load_task, read_task_file, task_config, task_files
+from .store import read_task_file, task_config, task_files
 from .taskmeta import RANDOM_KEY
 
 
@@ -107,7 +107,7 @@ def open_task(
     spec = recorded_spec(source, net, path)
     spec = spec if size is None else replace(spec, size=size)
     model = PiggybackModel(net, source["config"])
-    task = load_task(model, path, read=contents)
+    task = model.load_task(path, read=contents)
     model.set_task(task)
     return model.eval(), task, spec
 
@@ -137,7 +137,7 @@ def open_tasks(
                     f"it was trained on {own.size} px inputs prepared otherwise than "
                     f"{paths[0]} ({spec.size} px); pass --size to run all at one size"
                 )
-            load_task(model, path, read=contents)
+            model.load_task(path, read=contents)
         except PiggybackError as exc:
             skipped.append(f"skipped {path}: {exc}")
     return model.eval(), spec, skipped

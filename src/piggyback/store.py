@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,14 +27,18 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .bits import decode_mask, empirical_entropy_bits, encode_mask
+from .bits import (
+    MaskKind,
+    decode_bits,
+    decode_mask,
+    empirical_entropy_bits,
+    encode_mask,
+    unpack_mask,
+)
 from .config import MaskConfig
 from .errors import BackboneMismatchError, TaskFileError, TaskFileNotFoundError
 from .layers import NORM_DTYPE
 from .taskmeta import check_meta
-
-if TYPE_CHECKING:
-    from .model import PiggybackModel
 
 FORMAT = "piggyback-task"
 # 2: per-task norms store only the tensors that differ from the backbone's, at 16 bits.
@@ -139,48 +144,39 @@ def _umask() -> int:
     return mask
 
 
-def save_task(model: PiggybackModel, task: str, path: str | Path) -> Path:
-    """Write `task` of `model` to `path` (a `.safetensors` suffix is added if missing)."""
+def write_task(path: str | Path, task: PreparedTask) -> Path:
+    """Write `task` to `path` (a `.safetensors` suffix is added if missing), its masks
+    in the smallest encoding."""
     path = Path(path)
     if path.suffix != SUFFIX:
         path = path.with_name(path.name + SUFFIX)
-    kind = model.mask_kind(task)  # raises UnknownTaskError for a task the model lacks
-    info = model.task_info[task]
-    masks = model.masks(task)
-    flat = torch.cat([m.flatten().cpu() for m in masks.values()])
-    payload, codec = encode_mask(flat, kind)
+    numel = sum(math.prod(shape) for _, shape in task.layers)
+    flat = unpack_mask(task.bits.cpu(), numel, task.mask_kind, torch.int8)
+    payload, codec = encode_mask(flat, task.mask_kind)
     tensors: dict[str, torch.Tensor] = {
         "masks": torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     }
-    for key, value in model.head.heads[task].state_dict().items():
-        tensors[f"head.{key}"] = value.detach().cpu().contiguous()
-    for layer_name, norm in model.norms.items():
-        if task in norm.norms:
-            changed = changed_norm_tensors(norm.norms[task], norm.base_layer)
-            tensors.update({f"norm.{layer_name}.{key}": v for key, v in changed.items()})
+    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in task.head.items()})
+    tensors.update({f"norm.{k}": v.detach().cpu().contiguous() for k, v in task.norms.items()})
     meta = {
         "format_version": FORMAT_VERSION,
         "library_version": library_version(),
-        "task": task,
-        "num_classes": info.num_classes,
-        "class_names": info.class_names,
-        "train_bn": info.train_bn,
-        "metadata": info.metadata,
-        "config": model.config.to_dict(),
-        "backbone": {
-            "fingerprint": model.fingerprint,
-            "class": type(model.backbone).__name__,
-            "head": model.head_name,
-        },
+        "task": task.name,
+        "num_classes": task.num_classes,
+        "class_names": task.class_names,
+        "train_bn": task.train_bn,
+        "metadata": task.metadata,
+        "config": task.config,
+        "backbone": task.backbone,
         "mask": {
-            "kind": kind,
+            "kind": task.mask_kind,
             "codec": codec,
-            "numel": flat.numel(),
+            "numel": numel,
             "payload_bytes": len(payload),
-            "bits_per_weight": 8 * len(payload) / max(flat.numel(), 1),
-            "entropy_bits_per_weight": empirical_entropy_bits(flat) / max(flat.numel(), 1),
+            "bits_per_weight": 8 * len(payload) / max(numel, 1),
+            "entropy_bits_per_weight": empirical_entropy_bits(flat) / max(numel, 1),
             "kept": float((flat != 0).float().mean()),
-            "layers": [[name, list(model.masked_layers[name].frozen.shape)] for name in masks],
+            "layers": [[name, list(shape)] for name, shape in task.layers],
         },
     }
     return write_task_file(path, meta, tensors)
@@ -303,115 +299,105 @@ def task_masks(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[s
 
 @dataclass(frozen=True)
 class PreparedTask:
-    """A task file read, checked against one model and decoded, not yet added to it."""
+    """One task as its file holds it: what a model hands `write_task`, and what
+    `read_task` hands a model to check (`check_fits`) and add.
+
+    `bits` are the masks of every layer in `layers` order, packed (`bits.pack_mask`);
+    `norms` maps "LAYER.KEY" to the norm tensors that differ from the backbone's;
+    `backbone` is what it was made for (fingerprint, class, head); `config` the
+    MaskConfig as a dict.
+    """
 
     name: str
     num_classes: int
     class_names: list[str] | None
     train_bn: bool
-    mask_kind: str
-    masks: dict[str, torch.Tensor]
+    mask_kind: MaskKind
+    layers: list[tuple[str, tuple[int, ...]]]
+    bits: torch.Tensor
     head: dict[str, torch.Tensor]
-    norms: dict[str, dict[str, torch.Tensor]]
+    norms: dict[str, torch.Tensor]
     metadata: dict[str, Any]
+    backbone: dict[str, Any]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a task file must fit in a model: its backbone's fingerprint and class, its head's
+    name and tensor shapes (outputs first), its masked layers' and norm layers' shapes."""
+
+    fingerprint: str
+    class_name: str
+    head: str
+    head_shapes: dict[str, torch.Size]
+    layers: list[tuple[str, tuple[int, ...]]]
+    norms: dict[str, dict[str, torch.Size]]
 
 
 TaskFileContents = tuple[dict[str, Any], dict[str, torch.Tensor]]  # of `read_task_file`
 
 
-def prepare_task(
-    model: PiggybackModel,
+def read_task(
     path: str | Path,
+    model: ModelShape,
     *,
     name: str | None = None,
     read: TaskFileContents | None = None,
 ) -> PreparedTask:
-    """Read the task file at `path` and check it against `model` (backbone fingerprint,
-    layer shapes, head and norm tensors, a free name), decoding its masks: the slow
-    and untrusted half of `load_task`, which leaves `model` untouched. `read`: what
-    `read_task_file(path)` returned, for a caller that already read the file."""
+    """The task file at `path`, checked for integrity and to fit `model` (`check_fits`)
+    before its masks are decoded, so a file's declared sizes are never allocated first.
+    `name` replaces the file's; `read`: what `read_task_file(path)` returned, for a
+    caller that already read it."""
     meta, tensors = read_task_file(path) if read is None else read
-    task = meta["task"] if name is None else name
-    model.check_new_task_name(task)
-    stored = meta["backbone"]["fingerprint"]
-    if stored != model.fingerprint:
-        raise BackboneMismatchError(
-            f"{path} was made for backbone {stored[:12]} ({meta['backbone'].get('class')}); "
-            f"this model's backbone is {model.fingerprint[:12]} "
-            f"({type(model.backbone).__name__}): load it onto the backbone it was trained on"
-        )
-    _check_layers(path, [(n, tuple(s)) for n, s in meta["mask"]["layers"]], model)
-    if meta["backbone"].get("head", model.head_name) != model.head_name:
-        raise BackboneMismatchError(
-            f"{path} replaces the head {meta['backbone']['head']!r}; this model's head is "
-            f"{model.head_name!r}: load it with the same MaskConfig(head=...)"
-        )
-    head = _prefixed(tensors, "head.")
-    _check_state(path, "head", head, _head_shapes(model, meta["num_classes"]))
-    norms: dict[str, dict[str, torch.Tensor]] = {}
-    for key in (k[len("norm.") :] for k in tensors if k.startswith("norm.")):
-        layer = next((n for n in model.norms if key.startswith(f"{n}.")), None)
-        if layer is None:
-            raise BackboneMismatchError(f"{path} holds norm tensor {key!r} for no norm layer")
-        norms.setdefault(layer, {})[key[len(layer) + 1 :]] = tensors[f"norm.{key}"]
-    for layer, state in norms.items():
-        base = model.norms[layer].base_layer.state_dict()
-        _check_state(
-            path, f"norm layer {layer}", state, {k: v.shape for k, v in base.items()}, partial=True
-        )
-    return PreparedTask(
-        name=task,
+    mask = meta["mask"]
+    norms = _prefixed(tensors, "norm.")
+    task = PreparedTask(
+        name=meta["task"] if name is None else name,
         num_classes=meta["num_classes"],
         class_names=meta.get("class_names"),
         train_bn=bool(norms) or meta.get("train_bn") is True,
-        mask_kind=meta["mask"]["kind"],
-        masks=task_masks(meta, tensors),
-        head=head,
+        mask_kind=mask["kind"],
+        layers=[(layer, tuple(shape)) for layer, shape in mask["layers"]],
+        bits=torch.empty(0, dtype=torch.uint8),
+        head=_prefixed(tensors, "head."),
         norms=norms,
         metadata=meta.get("metadata") or {},
+        backbone=meta["backbone"],
+        config=meta["config"],
     )
+    check_fits(path, task, model)
+    payload = tensors["masks"].numpy().tobytes()
+    return replace(task, bits=decode_bits(payload, mask["codec"], mask["numel"], mask["kind"]))
 
 
-def install_task(model: PiggybackModel, task: PreparedTask) -> str:
-    """Add a prepared task to `model`, all or nothing; returns its name."""
-    model.add_task(
-        task.name,
-        task.num_classes,
-        class_names=task.class_names,
-        train_bn=task.train_bn,
-        masks=task.masks,
-        mask_kind=task.mask_kind,
-        metadata=task.metadata,
-    )
-    try:
-        model.head.heads[task.name].load_state_dict(task.head)
-        for layer, state in task.norms.items():
-            own = model.norms[layer].norms[task.name]
-            full = own.state_dict()  # a copy of the backbone's layer: what was not stored
-            full.update({key: value.to(full[key].dtype) for key, value in state.items()})
-            own.load_state_dict(full)
-    except BaseException:
-        model.remove_task(task.name)
-        raise
-    return task.name
-
-
-def load_task(
-    model: PiggybackModel,
-    path: str | Path,
-    *,
-    name: str | None = None,
-    read: TaskFileContents | None = None,
-) -> str:
-    """Add the task stored at `path` to `model` (as a stored, packed-mask task); on any
-    error the model is left exactly as it was. `read` as for `prepare_task`."""
-    return install_task(model, prepare_task(model, path, name=name, read=read))
-
-
-def _head_shapes(model: PiggybackModel, num_classes: int) -> dict[str, torch.Size]:
-    """The state of a new head for `num_classes`: the backbone head's, outputs first."""
-    base = model.head.base_layer.state_dict()
-    return {key: torch.Size((num_classes, *value.shape[1:])) for key, value in base.items()}
+def check_fits(path: str | Path, task: PreparedTask, model: ModelShape) -> dict[str, dict]:
+    """Raise BackboneMismatchError unless `task` fits `model` (backbone fingerprint, layer
+    shapes, head, norm tensors); returns its norm tensors by norm layer and key."""
+    stored = task.backbone["fingerprint"]
+    if stored != model.fingerprint:
+        raise BackboneMismatchError(
+            f"{path} was made for backbone {stored[:12]} ({task.backbone.get('class')}); "
+            f"this model's backbone is {model.fingerprint[:12]} "
+            f"({model.class_name}): load it onto the backbone it was trained on"
+        )
+    _check_layers(path, task.layers, model.layers)
+    if task.backbone.get("head", model.head) != model.head:
+        raise BackboneMismatchError(
+            f"{path} replaces the head {task.backbone['head']!r}; this model's head is "
+            f"{model.head!r}: load it with the same MaskConfig(head=...)"
+        )
+    head_shapes = {k: torch.Size((task.num_classes, *s[1:])) for k, s in model.head_shapes.items()}
+    _check_state(path, "head", task.head, head_shapes)
+    norms: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in task.norms.items():
+        layer = next((n for n in model.norms if key.startswith(f"{n}.")), None)
+        if layer is None:
+            raise BackboneMismatchError(f"{path} holds norm tensor {key!r} for no norm layer")
+        norms.setdefault(layer, {})[key[len(layer) + 1 :]] = tensor
+    for layer, state in norms.items():
+        _check_state(path, f"norm layer {layer}", state, model.norms[layer], partial=True)
+    return norms
 
 
 def _check_state(
@@ -436,8 +422,9 @@ def _check_state(
         )
 
 
-def _check_layers(path: str | Path, layers: list[tuple[str, tuple]], model: PiggybackModel) -> None:
-    ours = [(n, tuple(m.frozen.shape)) for n, m in model.masked_layers.items()]
+def _check_layers(
+    path: str | Path, layers: list[tuple[str, tuple]], ours: list[tuple[str, tuple]]
+) -> None:
     if layers == ours:
         return
     theirs = dict(layers)
@@ -459,29 +446,3 @@ def task_files(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         raise TaskFileNotFoundError(f"task directory {str(directory)!r} does not exist")
     return sorted(directory.glob(f"*{SUFFIX}"))
-
-
-def save(model: PiggybackModel, directory: str | Path) -> list[Path]:
-    """Write every task of `model` to `directory`, one task file each."""
-    directory = Path(directory)
-    return [save_task(model, task, directory / f"{task}{SUFFIX}") for task in model.tasks]
-
-
-def load(
-    directory: str | Path, backbone: nn.Module, config: MaskConfig | None = None
-) -> PiggybackModel:
-    """Wrap `backbone` and load every task file in `directory` (config from the files).
-
-    The model comes back in eval mode, ready for inference, like any loaded model.
-    """
-    from .model import PiggybackModel
-
-    files = task_files(directory)
-    if not files:
-        raise TaskFileNotFoundError(f"no {SUFFIX} task files in {str(directory)!r}")
-    if config is None:
-        config = task_config(read_task_file(files[0])[0])
-    model = PiggybackModel(backbone, config)
-    for file in files:
-        load_task(model, file)
-    return model.eval()

@@ -4,7 +4,7 @@ A task file may come from anyone (an upload to the server, a download), so nothi
 its header is trusted: every field is checked for type and range here, and the sizes
 it declares (classes, layer shapes, mask length, input size) are bounded before
 anything is allocated from them. Loading then checks the same sizes against the
-model the file is loaded onto (`piggyback.store.prepare_task`).
+model the file is loaded onto (`piggyback.store.check_fits`).
 """
 
 from __future__ import annotations

@@ -35,8 +35,6 @@ from ..model import PiggybackModel
 from ..store import (
     SUFFIX,
     PreparedTask,
-    install_task,
-    prepare_task,
     read_task_file,
     task_files,
     write_atomic,
@@ -328,7 +326,7 @@ class TaskRegistry:
                 "remove it first"
             )
         spec = self._input(path, meta)
-        prepared = prepare_task(self.model, path, read=contents)
+        prepared = self.model.prepare_task(path, read=contents)
         entry = TaskEntry(
             name=prepared.name,
             path=path,
@@ -344,7 +342,7 @@ class TaskRegistry:
     def _install(self, prepared: PreparedTask, entry: TaskEntry) -> TaskEntry:
         """Add a prepared task to the model and the task list: quick, under the lock."""
         with self._lock:
-            install_task(self.model, prepared)
+            self.model.install_task(prepared)
             self._entries[entry.name] = entry
         return entry
 

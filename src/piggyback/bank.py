@@ -1,0 +1,153 @@
+"""Stored tasks' masks, resident on the backbone's device, and W * mask derived from them.
+
+A stored task keeps one flat bit-packed buffer (1 bit per masked weight, 2 for ternary)
+over every masked layer in the model's order: the layout of a task file's mask, so a
+loaded task is its decoded bits, kept as they are. A layer's mask is the slice of bits
+from its `start`. Deriving a layer's masked weight reads its bits where they live (no
+host round trip) and never makes a float mask: on the CPU the weight's bits are
+multiplied as integers by the unpacked 0/1 bytes; elsewhere `torch.where` selects with
+the bytes viewed as bool, after one unpack of the whole task for every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bits import MaskKind, bits_per_value, pack_mask, unpack_codes, unpack_mask
+from .errors import ConfigError, UnknownTaskError
+
+# Integer views of float weights: multiplying the bits by 1 keeps them, by 0 gives +0.0,
+# exactly what torch.where(keep, weight, 0) gives.
+_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 18  # values unpacked at a time on the CPU: 256 KB of 0/1 bytes, in L2
+
+
+class MaskBank(nn.Module):
+    """One flat packed mask per stored task, moved with the model (`model.to(device)`)
+    and kept in its state_dict as ``bank.bits.TASK``.
+
+    Example:
+        >>> bank = MaskBank([4, 2])
+        >>> masks = [torch.tensor([1, 0, 1, 1]), torch.tensor([0, 1])]
+        >>> bank.store("a", masks, "binary", torch.device("cpu"))
+        >>> bank.values("a", start=4, numel=2, dtype=torch.int8)
+        tensor([0, 1], dtype=torch.int8)
+    """
+
+    def __init__(self, numels: Sequence[int]) -> None:
+        super().__init__()
+        self.numel = sum(numels)
+        self.bits = _BufferDict()
+        self.kinds: dict[str, MaskKind] = {}
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.kinds
+
+    def store(
+        self, task: str, masks: Sequence[torch.Tensor], kind: MaskKind, device: torch.device
+    ) -> None:
+        """Pack the masks of every layer, in order, as `task`'s bits on `device`."""
+        flat = torch.cat([mask.detach().flatten().to(device) for mask in masks])
+        self.store_bits(task, pack_mask(flat, kind), kind, device)
+
+    def store_bits(
+        self, task: str, bits: torch.Tensor, kind: MaskKind, device: torch.device
+    ) -> None:
+        """Keep packed bits (a decoded task file's) as `task`'s, on `device`."""
+        expected = math.ceil(self.numel * bits_per_value(kind) / 8)
+        if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != expected:
+            raise ConfigError(
+                f"{kind} masks of {self.numel} values pack into {expected} uint8 bytes; "
+                f"got a {bits.dtype} tensor of shape {tuple(bits.shape)}"
+            )
+        self.bits[task] = bits.to(device)
+        self.kinds[task] = kind
+
+    def remove(self, task: str) -> None:
+        self.bits.pop(task)
+        self.kinds.pop(task, None)
+
+    def values(
+        self, task: str, start: int, numel: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """`numel` mask values of `task` from the `start`-th on, flat, as `dtype`."""
+        return unpack_mask(self.packed(task), numel, self.kinds[task], dtype, start)
+
+    def packed(self, task: str) -> torch.Tensor:
+        if task not in self.kinds:
+            raise UnknownTaskError(f"no stored masks for task {task!r}; stored: {list(self.kinds)}")
+        return self.bits[task]
+
+    def keep_all(self, task: str) -> torch.Tensor | None:
+        """Every layer's keep flags of a binary task off the CPU, unpacked at once (one
+        chain of kernels for the whole model instead of one per layer); None elsewhere."""
+        packed = self.packed(task)
+        if self.kinds[task] != "binary" or packed.device.type == "cpu":
+            return None
+        return unpack_mask(packed, self.numel, "binary", torch.bool)
+
+
+def masked_into(
+    weight: torch.Tensor,
+    bank: MaskBank,
+    task: str,
+    start: int,
+    out: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W * mask of a stored task, written into `out` when given (else a new tensor).
+
+    Binary masks select (dropped weights become +0.0); ternary ones multiply. `keep`:
+    this layer's slice of `MaskBank.keep_all`, when the whole task was unpacked at once.
+    """
+    numel, kind = weight.numel(), bank.kinds.get(task)
+    if kind == "ternary":
+        values = bank.values(task, start, numel, torch.int8).view(weight.shape)
+        return torch.mul(weight, values.to(weight.dtype), out=out)
+    if keep is None and _numpy_select(weight, out):
+        target = torch.empty_like(weight) if out is None else out
+        as_int = _INT_VIEWS[weight.element_size()]
+        source = weight.detach().view(as_int).numpy().reshape(-1)
+        written = target.view(as_int).numpy().reshape(-1)
+        packed = bank.packed(task)
+        for begin in range(0, numel, _CHUNK):  # each chunk's 0/1 bytes stay in cache
+            end = min(begin + _CHUNK, numel)
+            codes = unpack_codes(packed, end - begin, "binary", start + begin).numpy()
+            np.multiply(source[begin:end], codes, out=written[begin:end])
+        return target
+    if keep is None:
+        keep = bank.values(task, start, numel, torch.bool)
+    zero = weight.new_zeros(())
+    return torch.where(keep.view(weight.shape), weight, zero, out=out)
+
+
+def _numpy_select(weight: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether numpy's integer multiply can write W * mask: CPU, contiguous, float."""
+    return (
+        weight.device.type == "cpu"
+        and weight.is_floating_point()
+        and weight.element_size() in _INT_VIEWS
+        and weight.is_contiguous()
+        and (out is None or out.is_contiguous())
+    )
+
+
+class _BufferDict(nn.Module):
+    """Tensors keyed by task name, moved with the module and kept in its state_dict."""
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._buffers
+
+    def pop(self, key: str) -> torch.Tensor | None:
+        return self._buffers.pop(key, None)
