@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="bench/results/task-inference.json")
     args = parser.parse_args(argv)
     if args.quick:  # two domains, one split data set
-        args.size, args.limit, args.epochs = 32, 48, 1
+        args.size, args.limit, args.epochs = 32, 32, 1
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     backbone = create_backbone(DEFAULT_BACKBONE)
