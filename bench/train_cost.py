@@ -10,12 +10,17 @@ start pass, their re-estimation after each epoch, evaluation (val after each epo
 val and test at the end), saving (checkpoint, metrics, task file) and the rest
 (building the optimizer, checking the masks, freezing the task).
 
+Loaders (`--loaders`): "default" is what `fit` uses by default (`num_workers` "auto",
+images held in memory resized to the training size once); "per-item" is the loader
+before it: every image resized on each access, in the training process.
+
 Runs are interleaved (every method and loader once, then again for `--repeats`) and
 the fastest of each is reported, so that the ratios compare runs made side by side.
 On CUDA every phase boundary synchronizes the device, so that each phase is charged
 with its own kernels.
 
-    python bench/train_cost.py --data animals --size 96 --limit 800 --epochs 2
+    python bench/train_cost.py --data animals --size 96 --limit 800 --epochs 2 \
+        --loaders per-item default --repeats 2
     python bench/train_cost.py --device cuda --amp bf16 --size 224 --limit 2000 --epochs 6
     python bench/train_cost.py --quick             # seconds: the CI smoke run
 """
@@ -37,10 +42,15 @@ from accuracy import VARIANTS
 
 from piggyback import MaskConfig, PiggybackModel, train
 from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
-from piggyback.data import TaskData, load_task_data
+from piggyback.data import TaskData, load_task_data, tasks
 from piggyback.recipes import RECIPES
 
 METHODS = ("classifier", "piggyback", "paper", "finetune")
+# Per loader: the bytes a split may take resized once, and `num_workers`.
+LOADERS: dict[str, tuple[int, int | str]] = {
+    "default": (tasks.RESIZE_ONCE_BYTES, "auto"),
+    "per-item": (0, 0),
+}
 PHASES = ("data wait", "forward+backward", "optimizer step", "norm start", "norm re-estimation",
           "evaluation", "saving", "other")  # fmt: skip
 # fit's parts that are timed whole, by the name `piggyback.train` calls them.
@@ -130,8 +140,15 @@ class PhaseTimer:
         return phases
 
 
-def run(method: str, data: TaskData, args: argparse.Namespace) -> dict[str, Any]:
-    """One fit of `method` on `data`, timed by phase."""
+def load(loader: str, args: argparse.Namespace) -> TaskData:
+    """The task's data as `loader` holds it: the same split for every loader."""
+    spec = input_spec(create_backbone(DEFAULT_BACKBONE), size=args.size)
+    with mock.patch.object(tasks, "RESIZE_ONCE_BYTES", LOADERS[loader][0]):
+        return load_task_data(args.data, spec, limit=args.limit)
+
+
+def run(method: str, loader: str, data: TaskData, args: argparse.Namespace) -> dict[str, Any]:
+    """One fit of `method` on `data` with `loader`'s workers, timed by phase."""
     variant = VARIANTS[method]
     config = train.TrainConfig.for_recipe(
         variant.recipe,
@@ -140,6 +157,7 @@ def run(method: str, data: TaskData, args: argparse.Namespace) -> dict[str, Any]
         batch_size=args.batch_size,
         device=args.device,
         amp=args.amp,
+        num_workers=LOADERS[loader][1],
         progress=False,
     )
     model = PiggybackModel(
@@ -151,20 +169,21 @@ def run(method: str, data: TaskData, args: argparse.Namespace) -> dict[str, Any]
         train.fit(model, "task", data, config, out)
         wall = timer.now() - start
     phases = timer.breakdown(wall)
-    row: dict[str, Any] = {"method": method, "wall s": wall, **phases}
+    row: dict[str, Any] = {"method": method, "loader": loader, "wall s": wall, **phases}
     row["data wait %"] = 100 * phases["data wait"] / timer.seconds["training loop"]
     row["step ms"] = 1000 * (phases["forward+backward"] + phases["optimizer step"]) / timer.steps
     return row
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each method's wall-clock and training step against fine-tuning's."""
-    base = next(r for r in rows if r["method"] == "finetune")
+    """Each method's wall-clock and training step against fine-tuning's with its loader."""
+    base = {r["loader"]: r for r in rows if r["method"] == "finetune"}
     return [
         {
             "method": row["method"],
-            "run / finetune": row["wall s"] / base["wall s"],
-            "step / finetune step": row["step ms"] / base["step ms"],
+            "loader": row["loader"],
+            "run / finetune": row["wall s"] / base[row["loader"]]["wall s"],
+            "step / finetune step": row["step ms"] / base[row["loader"]]["step ms"],
         }
         for row in rows
     ]
@@ -180,20 +199,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"))
+    parser.add_argument("--loaders", nargs="+", default=["default"], choices=list(LOADERS))
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each")
     parser.add_argument("--out", default="bench/results/train_cost.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.data, args.size, args.limit, args.epochs = "digits", 32, 48, 1
-    torch.manual_seed(0)
-    spec = input_spec(create_backbone(DEFAULT_BACKBONE), size=args.size)
-    data = load_task_data(args.data, spec, limit=args.limit)
-    runs = [run(method, data, args) for _ in range(args.repeats) for method in args.methods]
-    best = [min((r for r in runs if r["method"] == m), key=lambda r: r["wall s"])
-            for m in args.methods]  # fmt: skip
+        args.loaders = list(LOADERS)
+    data = {loader: load(loader, args) for loader in args.loaders}
+    pairs = [(method, loader) for method in args.methods for loader in args.loaders]
+    runs = [run(m, loader, data[loader], args) for _ in range(args.repeats) for m, loader in pairs]
+    best = [min((r for r in runs if (r["method"], r["loader"]) == pair), key=lambda r: r["wall s"])
+            for pair in pairs]  # fmt: skip
     print(f"seconds per phase, fastest of {args.repeats} interleaved run(s) each:\n")
-    print(markdown_table(best, ["method", "wall s", *PHASES, "data wait %", "step ms"]))
+    columns = ["method", "loader", "wall s", *PHASES, "data wait %", "step ms"]
+    print(markdown_table(best, columns))
     table = ratios(best) if "finetune" in args.methods else []
     if table:
         print(f"\nagainst fine-tuning:\n\n{markdown_table(table, list(table[0]))}")
