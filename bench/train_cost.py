@@ -172,6 +172,7 @@ def run(method: str, loader: str, data: TaskData, args: argparse.Namespace) -> d
     row: dict[str, Any] = {"method": method, "loader": loader, "wall s": wall, **phases}
     row["data wait %"] = 100 * phases["data wait"] / timer.seconds["training loop"]
     row["step ms"] = 1000 * (phases["forward+backward"] + phases["optimizer step"]) / timer.steps
+    print(f"{method} ({loader} loader): {wall:.1f} s", flush=True)
     return row
 
 
