@@ -78,3 +78,13 @@ def test_train_cost_bench(tmp_path: Path) -> None:
     for row in payload["ratios"]:
         if row["method"] == "finetune":
             assert row["run / finetune"] == row["step / finetune step"] == 1.0
+
+
+@pytest.mark.slow
+def test_profile_step_bench(tmp_path: Path) -> None:
+    rows = run_bench("profile_step", tmp_path)["results"]
+    for method in ("finetune", "mask"):
+        ops = [row for row in rows if row["method"] == method]
+        assert ops[-1]["op"] == "(all)" and len(ops) == 6  # the top 5 and the total
+        assert sum(row["ms per step"] for row in ops[:-1]) <= ops[-1]["ms per step"]
+    assert any("convolution" in row["op"] for row in rows)
