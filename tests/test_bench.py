@@ -67,3 +67,35 @@ def test_task_inference_bench(tmp_path: Path) -> None:
     refusals = payload["domains_refusal"]
     assert sum(row["default"] for row in refusals) == 2, "one default threshold per rule"
     assert [row["k"] for row in payload["cost"]] == [3, 10]
+
+
+def test_train_cost_bench(tmp_path: Path) -> None:
+    payload = run_bench("train_cost", tmp_path)
+    rows = {(row["method"], row["loader"]): row for row in payload["results"]}
+    methods = ["classifier", "piggyback", "paper", "finetune"]
+    assert list(rows) == [(m, loader) for m in methods for loader in ("default", "per-item")]
+    phases = ("data wait", "forward+backward", "optimizer step", "norm start",
+              "norm re-estimation", "evaluation", "saving", "other")  # fmt: skip
+    for (method, _), row in rows.items():
+        assert sum(row[p] for p in phases) == pytest.approx(row["wall s"])
+        assert row["other"] >= 0  # no phase is counted twice
+        assert min(row[p] for p in ("data wait", "forward+backward", "evaluation", "saving")) > 0
+        assert 0 < row["data wait %"] < 100
+        norms = row["norm start"], row["norm re-estimation"]
+        if method == "piggyback":
+            assert min(norms) > 0
+        elif method != "paper":  # the baselines have no norm passes: fit never calls them
+            assert norms == (0, 0)
+    for row in payload["ratios"]:
+        if row["method"] == "finetune":
+            assert row["run / finetune"] == row["step / finetune step"] == 1.0
+
+
+@pytest.mark.slow
+def test_profile_step_bench(tmp_path: Path) -> None:
+    rows = run_bench("profile_step", tmp_path)["results"]
+    for method in ("finetune", "mask"):
+        ops = [row for row in rows if row["method"] == method]
+        assert ops[-1]["op"] == "(all)" and len(ops) == 6  # the top 5 and the total
+        assert sum(row["ms per step"] for row in ops[:-1]) <= ops[-1]["ms per step"]
+    assert any("convolution" in row["op"] for row in rows)

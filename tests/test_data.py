@@ -473,6 +473,39 @@ def test_digits() -> None:
     assert len(set(_paths(task.train)) | set(_paths(task.val)) | set(_paths(task.test))) == 1797
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [SPEC, InputSpec(20, (0.4,) * 3, (0.3,) * 3, "bicubic", crop_pct=0.875)],
+    ids=["bilinear", "bicubic-crop"],
+)
+def test_in_memory_images_are_resized_once_to_the_same_inputs(
+    spec: InputSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sklearn")
+    kept = load_task_data("digits", spec, limit=300)
+    monkeypatch.setattr(data.tasks, "RESIZE_ONCE_BYTES", 0)  # every item resized on access
+    each = load_task_data("digits", spec, limit=300)
+    plain = image_transform(spec)
+    for fast, slow in zip(_datasets(kept), _datasets(each), strict=True):
+        assert fast.resized is not None and slow.resized is None
+        assert fast.resized.shape == (len(fast), 1, spec.size, spec.size)
+        assert np.array_equal(fast.labels, slow.labels)
+        for item in range(len(fast)):
+            image, label = fast[item]
+            assert torch.equal(image, slow[item][0]) and label == slow[item][1]
+            assert torch.equal(image, plain(fast.source.read(int(fast.indices[item]))))
+
+
+def test_random_crops_start_from_the_original_images() -> None:
+    pytest.importorskip("sklearn")
+    task = load_task_data("digits", SPEC, limit=40, augment=True)
+    assert task.train.resized is None and task.val.resized is not None
+
+
+def _datasets(task: TaskData) -> list[TaskDataset]:
+    return [task.train, task.val, task.test]
+
+
 def test_animals() -> None:
     if importlib.util.find_spec("animal_mnist") is None:
         pytest.skip("animal-mnist not installed: pip install --no-deps animal-mnist==0.4")

@@ -11,6 +11,7 @@ from conftest import make_tiny
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import piggyback.data.tasks as data_tasks
 import piggyback.train as train_module
 from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
@@ -87,6 +88,29 @@ def test_same_seed_same_result(digits: TaskData, tmp_path: Path) -> None:
     second = fit(PiggybackModel(make_tiny()), "d", digits, quick(), tmp_path / "b")
     assert first.history == [{**r} for r in second.history]
     assert first.test == second.test
+
+
+def test_the_loader_changes_no_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images resized once or on every access, read in the training process or by worker
+    processes that live for the run: the same run."""
+    pytest.importorskip("sklearn")
+    spec = InputSpec(12, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")  # 8 px digits, resized
+
+    def run(name: str, data: TaskData, **overrides: object) -> tuple[object, dict]:
+        model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+        result = fit(model, "d", data, quick(**overrides), tmp_path / name)
+        return (result.history, result.test), model.masks("d")
+
+    in_memory = load_task_data("digits", spec, limit=64)
+    assert in_memory.train.resized is not None
+    kept = run("kept", in_memory)
+    monkeypatch.setattr(data_tasks, "RESIZE_ONCE_BYTES", 0)
+    each = load_task_data("digits", spec, limit=64)
+    assert each.train.resized is None
+    for outcome, masks in (run("each", each), run("workers", each, num_workers=2)):
+        assert outcome == kept[0]
+        for name, mask in kept[1].items():
+            assert torch.equal(masks[name], mask), name
 
 
 def test_resume_after_interrupt_matches_uninterrupted(
@@ -218,6 +242,7 @@ def test_labels_the_head_lacks_are_refused() -> None:
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
         ({"device": "tpu:9"}, "device='tpu:9'"),
+        ({"num_workers": -1}, "num_workers must be 'auto' or an integer >= 0, got -1"),
     ],
 )
 def test_bad_settings(overrides: dict, message: str) -> None:

@@ -23,6 +23,7 @@ from . import verbs
 from .errors import ConfigError, PiggybackError
 from .recipes import RECIPES
 from .trainrun import default_out, read_config_file, read_tasks_file, task_name
+from .workers import workers
 
 EXIT_USAGE = 2
 HELP_WIDTH = 78  # columns of a description in --help, as argparse wraps flags' help
@@ -204,8 +205,9 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N",
     )  # fmt: skip
     group.add_argument(
-        "--num-workers", type=int, default=0,
-        help="processes that decode images alongside training (0: in the training process)",
+        "--num-workers", type=workers, default="auto",
+        help="processes that decode images alongside training (0: in the training process; "
+        "auto: 0 on the CPU, one per free CPU core up to 8 on a GPU)",
     )  # fmt: skip
     group = train.add_argument_group("masks")
     group.add_argument(
@@ -264,7 +266,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA)")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
-    group.add_argument("--num-workers", type=int, help="processes that decode images")
+    group.add_argument("--num-workers", type=workers, help="processes that decode images")
     _add_run_flags(group)
     many.set_defaults(handler=_train_many)
 

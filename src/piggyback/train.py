@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import distributed, recipes
 from .baked import recorded_spec, task_model_info, write_baked
 from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
-from .data import TaskData, make_loader
+from .data import EpochLoader, TaskData, make_loader
 from .errors import ConfigError, DataError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
@@ -35,6 +35,7 @@ from .precision import AMP_DTYPES, Amp, autocast
 from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
 from .taskinfer import calibrate_task
+from .workers import Workers, check_workers, resolve_workers
 
 Method = Literal["piggyback", "classifier", "finetune"]
 RESULT = "result.json"  # written last by `fit`: the run is complete
@@ -56,6 +57,8 @@ class TrainConfig:
     batch_size / W of it. `amp` runs forward passes under torch.autocast (scores, masks
     and the optimizer stay fp32); "fp16" needs CUDA. `sync_bn` makes trainable
     BatchNorm layers compute their statistics over the global batch (CUDA only).
+    `num_workers` processes decode images beside training; "auto" is 0 on the CPU and
+    one per free core (up to 8) on a GPU (`piggyback.workers`).
 
     Example:
         >>> TrainConfig(epochs=2, method="classifier").lr_decay_every
@@ -73,7 +76,7 @@ class TrainConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: Workers = "auto"
     progress: bool = True
     amp: Amp | None = None
     sync_bn: bool = False
@@ -102,8 +105,7 @@ class TrainConfig:
             raise ConfigError(
                 f"recalibrate_images must be an integer >= 0, got {self.recalibrate_images!r}"
             )
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_workers(self.num_workers)
         device = resolve_device(self.device)
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ConfigError(f"amp={self.amp!r}; expected None, 'bf16' or 'fp16'")
@@ -176,10 +178,10 @@ def train_one_epoch(
     for images, labels in bar:
         if len(labels) == 1 and model.training:
             continue  # a last batch of one sample: BatchNorm cannot train on it
-        targets = labels.to(device)
+        targets = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits = model(images.to(device))
+            logits = model(images.to(device, non_blocking=True))
             _check_batch_labels(labels, logits.shape[1])
             loss = F.cross_entropy(logits, targets)
         scaler.scale(loss).backward()
@@ -216,7 +218,7 @@ def evaluate(
     counts = torch.zeros(num_classes, dtype=torch.long)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
         _check_batch_labels(labels, num_classes)
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
         total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -377,10 +379,16 @@ def fit(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, config.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     trainable = _trainable_state_keys(network, groups)
-    val_loader = make_loader(distributed.shard(data.val), config.batch_size, shuffle=False)
-    test_loader = make_loader(distributed.shard(data.test), config.batch_size, shuffle=False)
+    feed = {"num_workers": resolve_workers(config.num_workers, device.type), "device": device}
+    val_loader = make_loader(
+        distributed.shard(data.val), config.batch_size, shuffle=False, persistent=True, **feed
+    )
+    test_loader = make_loader(
+        distributed.shard(data.test), config.batch_size, shuffle=False, **feed
+    )
     # One shuffle for all processes; a single process gets the same global batches.
     sampler = distributed.train_sampler(data.train, seed=config.seed * 1_000_003)
+    train_loader = EpochLoader(data.train, config.batch_size // world, sampler, **feed)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "loss": math.inf, "state": None}
@@ -417,14 +425,7 @@ def fit(
             epoch_seed = (config.seed * 1_000_003 + epoch) * world + rank
             torch.manual_seed(epoch_seed)
             sampler.set_epoch(epoch)
-            loader = make_loader(
-                data.train,
-                config.batch_size // world,
-                shuffle=False,
-                seed=epoch_seed,
-                num_workers=config.num_workers,
-                sampler=sampler,
-            )
+            loader = train_loader.epoch(epoch_seed)
             desc = f"{task} {epoch + 1}/{config.epochs}"
             train_metrics = train_one_epoch(
                 trained,

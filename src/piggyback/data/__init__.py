@@ -1,12 +1,13 @@
 """Task data: built-in offline benchmarks, image folders, CSV lists, torchvision and HF sets.
 
 Every item is ``(image, label)``: a float32 ``[3, size, size]`` tensor normalised with the
-backbone's `InputSpec`, and an int. Images stay uint8 at their own size until an item is
-asked for; resizing one 28x28 image then costs about 45 µs, as much as normalising it, so
-nothing is cached at the target size and memory does not grow with it.
+backbone's `InputSpec`, and an int. Images are kept uint8: image files are decoded when
+an item is asked for; images held in memory (the built-in tasks) are resized to the
+training size once, when the task is loaded, where a split then fits in
+`tasks.RESIZE_ONCE_BYTES` and needs no random crop.
 
 `builtin` holds the offline benchmarks, `sources` opens folders, CSV lists, torchvision
-and Hugging Face sets, and `tasks` splits them into datasets and makes their loaders.
+and Hugging Face sets, `tasks` splits them into datasets, and `loaders` batches them.
 Integer labels (a CSV's, or those of a dataset without class names) are class indices
 below `MAX_CLASSES`, so a stray label cannot ask for a head of millions of classes.
 
@@ -25,8 +26,9 @@ from .builtin import (
     FASHION_MNIST_DIR,
 )
 from .builtin import _read_pickled_array as _read_pickled_array
+from .loaders import EpochLoader, make_loader
 from .sources import IMAGE_EXTENSIONS, MAX_CLASSES
-from .tasks import TaskData, TaskDataset, image_transform, load_task_data, make_loader
+from .tasks import TaskData, TaskDataset, image_transform, load_task_data
 
 __all__ = [
     "ANIMAL_CLASSES",
@@ -35,6 +37,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "MAX_CLASSES",
+    "EpochLoader",
     "TaskData",
     "TaskDataset",
     "image_transform",

@@ -1,5 +1,6 @@
 """A task's splits: `load_task_data` opens a source and splits it into `TaskDataset`s,
-`image_transform` turns images into model inputs, and `make_loader` batches them.
+and `image_transform` turns images into model inputs (`piggyback.data.loaders` batches
+them).
 
 Splits are seeded and stratified: each class is shuffled and every split takes its share,
 so a seed always gives the same disjoint splits. ``limit`` caps train at ``limit`` items
@@ -11,6 +12,11 @@ loaded; bad ones are left out with one warning (count and first path), or raise
 `DataError` with ``strict=True``.
 An image that still fails later yields ``None``, counted in ``dataset.skipped`` (per
 process), and `make_loader` drops it from its batch, so an epoch never dies halfway.
+
+Images held in memory (the built-in tasks) are resized to the training size once, when
+the task is loaded, for each split that then takes at most `RESIZE_ONCE_BYTES` and whose
+transform is not random: every epoch, and each norm pass, then skips the resize (about
+as long as the rest of the transform). The pixels are those a resize per item gives.
 """
 
 from __future__ import annotations
@@ -25,14 +31,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ..backbones import InputSpec
 from ..errors import ConfigError, DataError
 from ..images import unreadable
 from .builtin import BUILTIN_TASKS, _animals, _digits, _fashion_mnist
-from .sources import _csv, _folder, _huggingface, _Opened, _Source, _to_uint8, _torchvision
+from .sources import (
+    _ArraySource,
+    _csv,
+    _folder,
+    _huggingface,
+    _Opened,
+    _Source,
+    _to_uint8,
+    _torchvision,
+)
+
+RESIZE_ONCE_BYTES = 512 * 2**20  # the most a split's images may take once resized and kept
 
 
 @dataclass
@@ -60,7 +77,11 @@ def _to_rgb(image: torch.Tensor) -> torch.Tensor:
 
 
 class TaskDataset(Dataset):
-    """The items of one split: `indices` into a source, decoded and transformed on access."""
+    """The items of one split: `indices` into a source, decoded and transformed on access.
+
+    `resized`, when given, holds the split's images already at the training size (uint8
+    ``[N, C, H, W]`` in the order of `indices`): `transform` then starts from those.
+    """
 
     def __init__(
         self,
@@ -69,8 +90,10 @@ class TaskDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor],
         *,
         strict: bool,
+        resized: torch.Tensor | None = None,
     ) -> None:
         self.source, self.indices, self.transform, self.strict = source, indices, transform, strict
+        self.resized = resized
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -82,6 +105,8 @@ class TaskDataset(Dataset):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int] | None:
         index = int(self.indices[item])
+        if self.resized is not None:
+            return self.transform(self.resized[item]), int(self.source.labels[index])
         try:
             image = self.source.read(index)
         except Exception as exc:
@@ -110,25 +135,36 @@ def image_transform(spec: InputSpec, *, augment: bool = False) -> v2.Compose:
     `augment` swaps the resize for a RandomResizedCrop of 80-100% of the area; no flips,
     since digits and many silhouettes are orientation-sensitive.
     """
+    return v2.Compose([_to_uint8, *_geometry(spec, augment), *_to_input(spec)])
+
+
+def _geometry(spec: InputSpec, augment: bool) -> list[Any]:
+    """uint8 image -> uint8 image at the training size."""
     mode = v2.InterpolationMode(spec.interpolation)
     if augment:
-        geometry: list[Any] = [
+        return [
             v2.RandomResizedCrop(spec.size, scale=(0.8, 1.0), interpolation=mode, antialias=True)
         ]
-    else:
-        geometry = [
-            v2.Resize(math.floor(spec.size / spec.crop_pct), interpolation=mode, antialias=True),
-            v2.CenterCrop(spec.size),
-        ]
-    return v2.Compose(
-        [
-            _to_uint8,
-            *geometry,
-            _to_rgb,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(spec.mean, spec.std),
-        ]
-    )
+    return [
+        v2.Resize(math.floor(spec.size / spec.crop_pct), interpolation=mode, antialias=True),
+        v2.CenterCrop(spec.size),
+    ]
+
+
+def _to_input(spec: InputSpec) -> list[Any]:
+    """uint8 image at the training size -> the normalised float input."""
+    return [_to_rgb, v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+
+
+def _resized_once(source: _Source, indices: np.ndarray, spec: InputSpec) -> torch.Tensor | None:
+    """The images of a split of an in-memory source at the training size, resized in
+    batches (the same pixels as one by one); None for other sources, or past the budget."""
+    if not isinstance(source, _ArraySource) or len(indices) * spec.size**2 > RESIZE_ONCE_BYTES:
+        return None
+    geometry = v2.Compose(_geometry(spec, augment=False))
+    chunks = torch.as_tensor(indices, dtype=torch.long).split(1024)
+    resized = [geometry(source.images[chunk].unsqueeze(1)) for chunk in chunks]
+    return torch.cat(resized) if resized else None
 
 
 def load_task_data(
@@ -170,7 +206,7 @@ def load_task_data(
         "val": (opened.train, val_idx) if opened.val is None else _whole(opened.val),
         "test": (opened.train, test_idx) if opened.test is None else _whole(opened.test),
     }
-    plain = image_transform(spec)
+    plain, ready = image_transform(spec), v2.Compose(_to_input(spec))
     splits = {}
     for number, (name, (split_source, indices)) in enumerate(pools.items()):
         if limit is not None:
@@ -178,8 +214,12 @@ def load_task_data(
             indices = _cap(
                 split_source.labels, indices, cap, np.random.default_rng([seed, 1 + number])
             )
-        transform = image_transform(spec, augment=True) if augment and name == "train" else plain
-        splits[name] = TaskDataset(split_source, indices, transform, strict=strict)
+        if augment and name == "train":  # random crops start from the original images
+            transform, resized = image_transform(spec, augment=True), None
+        else:
+            resized = _resized_once(split_source, indices, spec)
+            transform = plain if resized is None else ready
+        splits[name] = TaskDataset(split_source, indices, transform, strict=strict, resized=resized)
     return TaskData(class_names=opened.class_names, **splits)
 
 
@@ -293,45 +333,4 @@ def _open(source: str | Path, strict: bool) -> _Opened:
         f"{f' (did you mean {close[0]!r}?)' if close else ''}; expected a built-in task "
         f"{BUILTIN_TASKS}, a folder of class folders, a .csv of path,label rows, "
         "'torchvision:NAME:ROOT' or 'hf:PATH'"
-    )
-
-
-def _collate_present(batch: list[Any]) -> Any:
-    """Collate the items that could be read; None when none could."""
-    items = [item for item in batch if item is not None]
-    return default_collate(items) if items else None
-
-
-class _SkipEmptyLoader(DataLoader):
-    """A DataLoader that never yields an empty batch (one whose every image failed)."""
-
-    def __iter__(self) -> Any:
-        for batch in super().__iter__():
-            if batch is not None:
-                yield batch
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    num_workers: int = 0,
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """A DataLoader whose shuffling is seeded (same seed, same order of batches) and which
-    drops unreadable (None) items instead of failing the epoch. A `sampler` (e.g. a
-    DistributedSampler) sets the order instead of `shuffle`; `seed` still seeds workers."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-    return _SkipEmptyLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers,
-        collate_fn=_collate_present,
-        drop_last=False,
     )
