@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--amp", choices=("bf16", "fp16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--cost-only", action="store_true",
+        help="only the cost rows, on an untrained task (cost does not depend on training)",
+    )  # fmt: skip
     parser.add_argument("--out", default="bench/results/task-inference.json")
     args = parser.parse_args(argv)
     if args.quick:  # two domains, one split data set
@@ -217,6 +221,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part, classes in (("0-4", [0, 1, 2, 3, 4]), ("5-9", [5, 6, 7, 8, 9]))
     }
     results: dict[str, Any] = {"settings": vars(args)}
+    if args.cost_only:
+        with tempfile.TemporaryDirectory() as scratch:
+            model = PiggybackModel(create_backbone(DEFAULT_BACKBONE)).to(device)
+            model.add_task("t", 10)
+            model.freeze_task("t")
+            task_file = model.save_task("t", Path(scratch) / "t.safetensors")
+            images = torch.randn(BATCH, 3, args.size, args.size, device=device)
+            results["cost"] = cost(model, images, task_file, device)
+        print(markdown_table(results["cost"], ["k", "ms_per_image", "plain_ms_per_image", "ratio"]))
+        write_results(args.out, results)
+        return results
     with tempfile.TemporaryDirectory() as scratch:
         for setting, datasets in (("domains", loaded), ("split", halves)):
             model = PiggybackModel(create_backbone(DEFAULT_BACKBONE))

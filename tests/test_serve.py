@@ -427,7 +427,7 @@ def test_predict_without_a_task_infers_it_when_asked(task_dir: Path) -> None:
     with server(task_dir, infer_task=True, infer_rule="entropy", infer_threshold=2) as base:
         answer = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:2])["files"])
         assert [row["task"] for row in answer.json()["predictions"]] == [None, None]
-    with server(task_dir, infer_task=True) as base:  # "calibrated" needs calibrated tasks
+    with server(task_dir, infer_task=True, infer_rule="calibrated") as base:  # none has one
         refused = httpx.post(f"{base}/predict", files=multipart("a", IMAGES[:1])["files"])
         assert refused.status_code == 400 and "--infer-rule entropy" in refused.json()["error"]
     with server(task_dir) as base:

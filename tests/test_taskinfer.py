@@ -72,11 +72,11 @@ def test_threshold_refuses_and_a_batch_can_share_one_task(model: PiggybackModel)
 def test_calibrated_rule_reads_each_tasks_validation_quantiles(model: PiggybackModel) -> None:
     x, active = torch.randn(6, 3, 16, 16), model.active_task
     with pytest.raises(ConfigError, match=r"\['a', 'b'\] have none"):
-        model.infer_task(x)
+        model.infer_task(x, rule="calibrated")
     for task in ("a", "b"):
         record = calibrate_task(model, task, [torch.randn(5, 3, 16, 16) for _ in range(2)])
         assert len(record["quantiles"]) == QUANTILES and record["samples"] == 10
-    found = model.infer_task(x, threshold=0.0)
+    found = model.infer_task(x, rule="calibrated", threshold=0.0)
     assert ((found.candidate_scores >= 0) & (found.candidate_scores <= 1)).all()
     for column, task in enumerate(found.candidates):  # less entropy, more typical: higher
         entropy = normalised_entropy(found.logits[task])

@@ -321,14 +321,14 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "among them",
     )  # fmt: skip
     group.add_argument(
-        "--rule", default="calibrated", choices=("calibrated", "entropy"),
-        help="how a task scores an image: calibrated (on its validation images, stored by "
-        "train) or entropy (of its output)",
+        "--rule", default="entropy", choices=("entropy", "calibrated"),
+        help="how a task scores an image: entropy (of its output) or calibrated (against "
+        "its validation images, as train stores them)",
     )  # fmt: skip
     group.add_argument(
         "--threshold", type=float,
         help="refuse an image whose best score is below this (default: the rule's, "
-        "0.01 calibrated, 0.5 entropy)",
+        "0.4 entropy, 0.01 calibrated)",
     )  # fmt: skip
     predict.add_argument(
         "--topk", type=int, default=3, metavar="K",
@@ -467,13 +467,13 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "forward pass per task served)",
     )  # fmt: skip
     group.add_argument(
-        "--infer-rule", default=limits.infer_rule, choices=("calibrated", "entropy"),
+        "--infer-rule", default=limits.infer_rule, choices=("entropy", "calibrated"),
         help="how tasks score an image (see piggyback.taskinfer)",
     )  # fmt: skip
     group.add_argument(
         "--infer-threshold", type=float,
         help="refuse an image whose best score is below this (default: the rule's, "
-        "0.01 calibrated, 0.5 entropy)",
+        "0.4 entropy, 0.01 calibrated)",
     )  # fmt: skip
     group = serve.add_argument_group("limits and batching")
     group.add_argument(

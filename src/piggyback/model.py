@@ -446,7 +446,7 @@ class PiggybackModel(nn.Module):
         self,
         *inputs: Any,
         tasks: Sequence[str] | None = None,
-        rule: str = "calibrated",
+        rule: str = "entropy",
         threshold: float | None = None,
         same_task: bool = False,
         **kwargs: Any,

@@ -49,7 +49,7 @@ class ServeConfig:
     read_token: str | None = None
     allow_unauthenticated_writes: bool = False
     infer_task: bool = False
-    infer_rule: str = "calibrated"
+    infer_rule: str = "entropy"
     infer_threshold: float | None = None  # None: the rule's (taskinfer.DEFAULT_THRESHOLDS)
 
     def __post_init__(self) -> None:
