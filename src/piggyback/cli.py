@@ -32,6 +32,18 @@ MANY_OVERRIDES = (
     "device", "amp", "sync_bn", "num_workers", "resume", "keep_checkpoint", "force", "progress",
 )  # fmt: skip
 
+# `serve` flags that set a ServeConfig field of the same default: (flag, field, help).
+SERVE_LIMITS = (
+    ("--max-upload-mb", "max_upload_mb", "largest request body"),
+    ("--max-input-size", "max_input_size", "largest input size (px) a task may ask"),
+    ("--max-request-pixels", "max_request_pixels", "decoded pixels per request"),
+    ("--header-timeout", "header_timeout_s", "seconds a client may take to send a request head"),
+    ("--body-timeout", "body_timeout_s", "seconds a client may take to send a request body"),
+    ("--batch-window-ms", "batch_window_ms", "how long a request waits to share its batch"),
+    ("--max-batch", "max_batch", "images per batch and per request"),
+    ("--cache-size", "cache_size", "tasks kept baked (0: none)"),
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -476,36 +488,12 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "0.4 entropy, 0.01 calibrated)",
     )  # fmt: skip
     group = serve.add_argument_group("limits and batching")
-    group.add_argument(
-        "--max-upload-mb", type=float, default=limits.max_upload_mb, help="largest request body"
-    )
-    group.add_argument(
-        "--max-input-size", type=int, default=limits.max_input_size,
-        help="largest input size (px) a task may ask",
-    )  # fmt: skip
-    group.add_argument(
-        "--max-request-pixels", type=int, default=limits.max_request_pixels,
-        help="decoded pixels per request",
-    )  # fmt: skip
-    group.add_argument(
-        "--header-timeout", type=float, default=limits.header_timeout_s,
-        help="seconds a client may take to send a request head",
-    )  # fmt: skip
-    group.add_argument(
-        "--body-timeout", type=float, default=limits.body_timeout_s,
-        help="seconds a client may take to send a request body",
-    )  # fmt: skip
-    group.add_argument(
-        "--batch-window-ms", type=float, default=limits.batch_window_ms,
-        help="how long a request waits for others to share its batch",
-    )  # fmt: skip
-    group.add_argument(
-        "--max-batch", type=int, default=limits.max_batch,
-        help="images per batch and per request",
-    )  # fmt: skip
-    group.add_argument(
-        "--cache-size", type=int, default=limits.cache_size, help="tasks kept baked (0: none)"
-    )
+    for flag, field, text in SERVE_LIMITS:
+        default = getattr(limits, field)
+        group.add_argument(
+            flag, type=type(default), default=default, dest=field, help=text,
+            metavar=flag[2:].upper().replace("-", "_"),
+        )  # fmt: skip
     serve.set_defaults(handler=_serve)
     return parser
 
@@ -664,14 +652,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token=args.admin_token or os.environ.get("PIGGYBACK_ADMIN_TOKEN"),
         read_token=args.read_token or os.environ.get("PIGGYBACK_READ_TOKEN"),
         allow_unauthenticated_writes=args.allow_unauthenticated_writes,
-        max_upload_mb=args.max_upload_mb,
-        max_input_size=args.max_input_size,
-        max_request_pixels=args.max_request_pixels,
-        header_timeout_s=args.header_timeout,
-        body_timeout_s=args.body_timeout,
-        batch_window_ms=args.batch_window_ms,
-        max_batch=args.max_batch,
-        cache_size=args.cache_size,
+        **{field: getattr(args, field) for _, field, _ in SERVE_LIMITS},
         infer_task=args.infer_task,
         infer_rule=args.infer_rule,
         infer_threshold=args.infer_threshold,
