@@ -332,16 +332,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="a task file or a folder of them (repeat for more): infer each image's task "
         "among them",
     )  # fmt: skip
-    group.add_argument(
-        "--rule", default="entropy", choices=("entropy", "calibrated"),
-        help="how a task scores an image: entropy (of its output) or calibrated (against "
-        "its validation images, as train stores them)",
-    )  # fmt: skip
-    group.add_argument(
-        "--threshold", type=float,
-        help="refuse an image whose best score is below this (default: the rule's, "
-        "0.4 entropy, 0.01 calibrated)",
-    )  # fmt: skip
+    _add_rule_flags(group, "")
     predict.add_argument(
         "--topk", type=int, default=3, metavar="K",
         help="show the K most probable classes (at most the task's classes)",
@@ -478,15 +469,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         help="answer a /predict without `task` by inferring each image's task (costs one "
         "forward pass per task served)",
     )  # fmt: skip
-    group.add_argument(
-        "--infer-rule", default=limits.infer_rule, choices=("entropy", "calibrated"),
-        help="how tasks score an image (see piggyback.taskinfer)",
-    )  # fmt: skip
-    group.add_argument(
-        "--infer-threshold", type=float,
-        help="refuse an image whose best score is below this (default: the rule's, "
-        "0.4 entropy, 0.01 calibrated)",
-    )  # fmt: skip
+    _add_rule_flags(group, "infer-")
     group = serve.add_argument_group("limits and batching")
     for flag, field, text in SERVE_LIMITS:
         default = getattr(limits, field)
@@ -543,6 +526,23 @@ def _add_run_flags(group: Any) -> None:
         "completes, to --resume it with more --epochs later",
     )
     _add_progress_flag(group)
+
+
+def _add_rule_flags(group: Any, prefix: str) -> None:
+    """`--PREFIXrule` and `--PREFIXthreshold`: how task inference scores an image and when
+    it refuses one (`piggyback.taskinfer`), for `predict --tasks` and `serve --infer-task`."""
+    from .taskinfer import DEFAULT_RULE, DEFAULT_THRESHOLDS, RULES
+
+    group.add_argument(
+        f"--{prefix}rule", default=DEFAULT_RULE, choices=RULES,
+        help="how a task scores an image: entropy (of its output) or calibrated (against "
+        "its validation images, as train stores them)",
+    )  # fmt: skip
+    thresholds = ", ".join(f"{value} {rule}" for rule, value in DEFAULT_THRESHOLDS.items())
+    group.add_argument(
+        f"--{prefix}threshold", type=float,
+        help=f"refuse an image whose best score is below this (default: the rule's, {thresholds})",
+    )  # fmt: skip
 
 
 def _add_progress_flag(group: Any) -> None:

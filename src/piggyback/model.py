@@ -446,23 +446,23 @@ class PiggybackModel(nn.Module):
         self,
         *inputs: Any,
         tasks: Sequence[str] | None = None,
-        rule: str = "entropy",
+        rule: str | None = None,
         threshold: float | None = None,
         same_task: bool = False,
         **kwargs: Any,
     ) -> TaskInference:
         """Which of `tasks` (default: all held) each sample belongs to, None where it looks
-        like none of them; see `piggyback.taskinfer`.
+        like none of them; see `piggyback.taskinfer` (`rule` None: its DEFAULT_RULE).
 
         Example:
             >>> found = model.infer_task(images)  # doctest: +SKIP
             >>> found.tasks, found.scores  # doctest: +SKIP
         """
-        from .taskinfer import infer_task
+        from .taskinfer import DEFAULT_RULE, infer_task
 
         return infer_task(
-            self, *inputs, tasks=tasks, rule=rule, threshold=threshold, same_task=same_task,
-            **kwargs,
+            self, *inputs, tasks=tasks, rule=rule or DEFAULT_RULE, threshold=threshold,
+            same_task=same_task, **kwargs,
         )  # fmt: skip
 
     # -------------------------------------------------------------- storage

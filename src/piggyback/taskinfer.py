@@ -28,7 +28,8 @@ classes) and, by default, its own norm layers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .model import PiggybackModel
 
 RULES = ("calibrated", "entropy")
+DEFAULT_RULE = "entropy"
 CALIBRATION_KEY = "calibration"  # in a task's metadata: see `calibrate`
 QUANTILES = 101  # stored points of a task's validation entropy distribution (0%, 1%, ... 100%)
 # Below these scores an input is refused: on bench/task_inference.py's run, the highest
@@ -86,7 +88,7 @@ def infer_task(
     model: PiggybackModel,
     *inputs: Any,
     tasks: Sequence[str] | None = None,
-    rule: str = "entropy",
+    rule: str = DEFAULT_RULE,
     threshold: float | None = None,
     same_task: bool = False,
     **kwargs: Any,
@@ -104,14 +106,8 @@ def infer_task(
     names = [task for task in candidates for _ in range(batch)]
     repeated = [_repeat(value, len(candidates), batch) for value in inputs]
     keywords = {key: _repeat(value, len(candidates), batch) for key, value in kwargs.items()}
-    was_training = model.training
-    if was_training:  # switching modes drops the model's cached masked weights
-        model.eval()
-    try:
+    with _evaluating(model):
         output = model(*repeated, task_names=names, **keywords)
-    finally:
-        if was_training:
-            model.train()
     logits = {
         task: output[i * batch : (i + 1) * batch, : model.task_info[task].num_classes]
         for i, task in enumerate(candidates)
@@ -179,21 +175,32 @@ def calibrate_task(
 ) -> dict[str, Any]:
     """Store in `task`'s metadata how sure it is of its own validation `batches` (images,
     or (images, labels) pairs): what rule="calibrated" compares inputs with."""
-    was_training, active = model.training, model.active_task
-    if was_training:
-        model.eval()
-    model.set_task(task)
-    try:
-        entropies = [
-            normalised_entropy(model(_images(batch).to(device))).cpu() for batch in batches
-        ]
-    finally:
-        model.set_task(active)
-        if was_training:
-            model.train()
+    active = model.active_task
+    with _evaluating(model):
+        model.set_task(task)
+        try:
+            entropies = [
+                normalised_entropy(model(_images(batch).to(device))).cpu() for batch in batches
+            ]
+        finally:
+            model.set_task(active)
     record = calibration(torch.cat(entropies) if entropies else torch.empty(0))
     model.task_info[task].metadata[CALIBRATION_KEY] = record
     return record
+
+
+@contextmanager
+def _evaluating(model: PiggybackModel) -> Iterator[None]:
+    """`model` in eval mode for the block, then as it was; a model already in eval mode
+    is not switched (a switch drops its cached masked weights)."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -597,14 +597,20 @@ _CHANCE_ADVICE = {
 }
 
 
+def model_file_name(task: str, method: str) -> str:
+    """The file a run of `method` writes its model to: TASK.safetensors (a task file), or
+    TASK.finetuned.safetensors (the whole fine-tuned network)."""
+    return f"{task}.finetuned.safetensors" if method == "finetune" else f"{task}.safetensors"
+
+
 def save_result_model(
     model: PiggybackModel, network: nn.Module, task: str, method: str, out: Path
 ) -> Path:
     """The task file for masked methods (after `model.freeze_task`); for fine-tuning, the
     whole network as a baked model file (`piggyback.baked`), which the CLI reads alike."""
+    path = out / model_file_name(task, method)
     if method != "finetune":
-        return model.save_task(task, out / f"{task}.safetensors")
-    path = out / f"{task}.finetuned.safetensors"
+        return model.save_task(task, path)
     spec = recorded_spec(model.task_info[task].metadata, model.backbone, path)
     info = task_model_info(model, task, spec)
     backbone = info.metadata.get("backbone") or ""

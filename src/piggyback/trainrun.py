@@ -269,10 +269,11 @@ def check_run_folder(out: Path, task: str, *, resume: bool, force: bool) -> None
     unless `force` (the user's say: they are deleted) or `resume` (a checkpoint goes on)."""
     from .checkpoint import checkpoint_progress, has_checkpoint, remove_checkpoint
     from .distributed import is_main
-    from .train import RESULT
+    from .train import METHODS, RESULT, model_file_name
 
     directory = out / "checkpoint"
-    results = [out / name for name in (RESULT, *result_files(task))]
+    files = dict.fromkeys(model_file_name(task, method) for method in METHODS)
+    results = [out / name for name in (RESULT, *files)]
     records = [out / name for name in ("settings.yaml", "metrics.jsonl")]
     if force:
         if is_main():
@@ -302,32 +303,13 @@ def check_run_folder(out: Path, task: str, *, resume: bool, force: bool) -> None
         )
 
 
-def result_files(task: str) -> tuple[str, ...]:
-    """The model files a run of `task` may write, one per kind of method."""
-    return (f"{task}.safetensors", f"{task}.finetuned.safetensors")
-
-
 def absolute_data(data: str) -> str:
     """`--data` as a task file records it: a local path made absolute, so that eval finds
     it from any folder; built-in names, and paths not found here, stay as given."""
-    prefix, local = split_data_path(data)
+    from .data import source_path
+
+    prefix, local = source_path(data)
     return f"{prefix}{local.resolve()}" if local is not None and local.exists() else str(data)
-
-
-def split_data_path(data: str) -> tuple[str, Path | None]:
-    """(prefix, path) of the local path a data source names: a folder, a CSV, the root of
-    `torchvision:NAME:ROOT` or `hf:PATH`; (the name, None) for a built-in task."""
-    from .data import BUILTIN_TASKS
-
-    text = str(data)
-    if text in BUILTIN_TASKS:
-        return text, None
-    if text.startswith("hf:"):
-        return "hf:", Path(text[3:]) if text[3:] else None
-    if text.startswith("torchvision:"):
-        name, _, root = text[len("torchvision:") :].partition(":")
-        return f"torchvision:{name}:", Path(root) if root else None
-    return "", Path(text)
 
 
 def warn_small_data(data: Any) -> None:

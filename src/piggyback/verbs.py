@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .trainrun import show_progress, split_data_path
+from .trainrun import show_progress
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from .data import load_task_data, make_loader
+    from .data import load_task_data, make_loader, source_path
     from .modelfile import open_model_file
     from .train import evaluate, resolve_device
 
@@ -28,7 +28,7 @@ def eval_command(args: argparse.Namespace) -> int:
     data_name = args.data or source.get("data")
     if not data_name:
         raise ConfigError(f"{args.task_file} records no dataset; pass --data")
-    local = split_data_path(data_name)[1]
+    local = source_path(data_name)[1]
     if not args.data and local is not None and not local.exists():
         raise ConfigError(
             f"{args.task_file} was trained on {data_name!r}, which is not found here: pass "

@@ -28,7 +28,7 @@ from .builtin import (
 from .builtin import _read_pickled_array as _read_pickled_array
 from .loaders import EpochLoader, make_loader
 from .sources import IMAGE_EXTENSIONS, MAX_CLASSES
-from .tasks import TaskData, TaskDataset, image_transform, load_task_data
+from .tasks import TaskData, TaskDataset, image_transform, load_task_data, source_path
 
 __all__ = [
     "ANIMAL_CLASSES",
@@ -43,4 +43,5 @@ __all__ = [
     "image_transform",
     "load_task_data",
     "make_loader",
+    "source_path",
 ]

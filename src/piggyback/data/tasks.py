@@ -311,6 +311,21 @@ def _cap(labels: np.ndarray, indices: np.ndarray, cap: int, rng: np.random.Gener
     return np.sort(indices[_stratified_order(labels[indices], rng)[:cap]])
 
 
+def source_path(source: str | Path) -> tuple[str, Path | None]:
+    """(prefix, path): the local path a source names, after the prefix `_open` reads: a
+    folder or CSV (no prefix), the root of ``torchvision:NAME:ROOT``, the folder of
+    ``hf:PATH``; (the name, None) for a built-in task, which names no path."""
+    text = str(source)
+    if text in BUILTIN_TASKS:
+        return text, None
+    if text.startswith("hf:"):
+        return "hf:", Path(text[3:]) if text[3:] else None
+    if text.startswith("torchvision:"):
+        name, _, root = text[len("torchvision:") :].partition(":")
+        return f"torchvision:{name}:", Path(root) if root else None
+    return "", Path(text)
+
+
 def _open(source: str | Path, strict: bool) -> _Opened:
     """Dispatch on the kind of source; the message lists every accepted kind."""
     text = str(source)

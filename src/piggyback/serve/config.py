@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..taskinfer import RULES
+from ..taskinfer import DEFAULT_RULE, RULES
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ServeConfig:
     read_token: str | None = None
     allow_unauthenticated_writes: bool = False
     infer_task: bool = False
-    infer_rule: str = "entropy"
+    infer_rule: str = DEFAULT_RULE
     infer_threshold: float | None = None  # None: the rule's (taskinfer.DEFAULT_THRESHOLDS)
 
     def __post_init__(self) -> None:
