@@ -324,6 +324,65 @@ def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.o
     return torch.optim.SGD(groups, momentum=0.9, weight_decay=config.weight_decay)
 
 
+@dataclass
+class _Run:
+    """What every phase of one `fit` reads: the task, its network and optimizer state,
+    and the loaders."""
+
+    model: PiggybackModel
+    task: str
+    data: TaskData
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    network: nn.Module
+    groups: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    trainable: list[str]
+    train_loader: EpochLoader
+    sampler: Any
+    val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def evaluate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        return evaluate(
+            self.network, loader, self.device, self.data.num_classes, progress=False,
+            amp=self.config.amp,
+        )  # fmt: skip
+
+
+@dataclass
+class _Progress:
+    """Where the epochs stand: the next one, each finished one's row, the best so far."""
+
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": -1, "top1": -1.0, "loss": math.inf, "state": None}
+    )
+
+    def add(self, row: dict[str, Any], run: _Run) -> None:
+        """A finished epoch's row; its trained state kept if it is the best so far."""
+        self.history.append(row)
+        if is_better({"top1": row["val_top1"], "loss": row["val_loss"]}, self.best):
+            self.best = {
+                "epoch": row["epoch"],
+                "top1": row["val_top1"],
+                "loss": row["val_loss"],
+                "state": _copy_state(run.network, run.trainable),
+            }
+
+
 def fit(
     model: PiggybackModel,
     task: str,
@@ -359,15 +418,43 @@ def fit(
     every global batch and of val/test; all return the same result, and only rank 0
     writes files (its `task_file` is the only one set). For `resume`, every process
     reads `out_dir/checkpoint`, so it must be on a filesystem all nodes share.
+
+    The phases, each a function of its own: `_prepare` (the network, optimizer and
+    loaders), `_begin` (resume, or start the task's norms), `_train_epoch` and
+    `_record_epoch` per epoch, `_finish` (the best epoch, tested, calibrated and saved).
     """
-    out = Path(out_dir)
-    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
+    started = time.perf_counter()
+    run = _prepare(model, task, data, config, Path(out_dir), train_bn, metadata)
+    progress = _begin(run, resume)
+    params = [p for group in run.groups for p in group["params"]]
+    trained_keys = set(run.trainable)
+    buffers = [b for name, b in run.network.named_buffers() if name in trained_keys]
+    with distributed.data_parallel(
+        run.network, run.device, params, sync_bn=config.sync_bn
+    ) as trained:
+        for epoch in range(progress.start_epoch, config.epochs):
+            progress.add(_train_epoch(run, trained, buffers, epoch), run)
+            _record_epoch(run, progress)
+    return _finish(run, progress.best, progress.history, started, keep_checkpoint)
+
+
+def _prepare(
+    model: PiggybackModel,
+    task: str,
+    data: TaskData,
+    config: TrainConfig,
+    out: Path,
+    train_bn: bool | None,
+    metadata: Mapping[str, Any] | None,
+) -> _Run:
+    """Add the task and build what trains it: network, optimizer, schedule, loaders."""
+    world = distributed.world_size()
     if config.batch_size % world:
         raise ConfigError(
             f"batch_size={config.batch_size} is the global batch; it must split evenly "
             f"over the {world} processes"
         )
-    if main:
+    if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -376,140 +463,168 @@ def fit(
     )
     network.to(device)
     optimizer = make_optimizer(groups, config)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, config.lr_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    trainable = _trainable_state_keys(network, groups)
     feed = {"num_workers": resolve_workers(config.num_workers, device.type), "device": device}
-    val_loader = make_loader(
-        distributed.shard(data.val), config.batch_size, shuffle=False, persistent=True, **feed
-    )
-    test_loader = make_loader(
-        distributed.shard(data.test), config.batch_size, shuffle=False, **feed
-    )
     # One shuffle for all processes; a single process gets the same global batches.
     sampler = distributed.train_sampler(data.train, seed=config.seed * 1_000_003)
-    train_loader = EpochLoader(data.train, config.batch_size // world, sampler, **feed)
+    return _Run(
+        model=model,
+        task=task,
+        data=data,
+        config=config,
+        out=out,
+        device=device,
+        network=network,
+        groups=groups,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(
+            optimizer, config.lr_decay_every, config.lr_decay
+        ),
+        scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
+        trainable=_trainable_state_keys(network, groups),
+        train_loader=EpochLoader(data.train, config.batch_size // world, sampler, **feed),
+        sampler=sampler,
+        val_loader=make_loader(
+            distributed.shard(data.val),
+            config.batch_size,
+            shuffle=False,
+            persistent=True,
+            **feed,
+        ),
+        test_loader=make_loader(
+            distributed.shard(data.test), config.batch_size, shuffle=False, **feed
+        ),
+    )
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": -1, "top1": -1.0, "loss": math.inf, "state": None}
-    start_epoch, started = 0, time.perf_counter()
-    checkpoint_dir = out / "checkpoint"
-    if resume and _can_resume(checkpoint_dir):
-        start_epoch, history, best = load_checkpoint(
-            checkpoint_dir, network, optimizer, scheduler, trainable, device, scaler
+
+def _begin(run: _Run, resume: bool) -> _Progress:
+    """Go on from the checkpoint (`resume`), or start afresh: no older run's checkpoint
+    or result left behind, and for piggyback the task's norms started as the backbone."""
+    progress = _Progress()
+    if resume and _can_resume(run.checkpoint_dir):
+        progress.start_epoch, progress.history, progress.best = load_checkpoint(
+            run.checkpoint_dir, run.network, run.optimizer, run.scheduler, run.trainable,
+            run.device, run.scaler,
+        )  # fmt: skip
+        best_epoch = progress.best["epoch"]
+        progress.best["loss"] = (
+            progress.history[best_epoch - 1]["val_loss"] if best_epoch > 0 else math.inf
         )
-        best["loss"] = history[best["epoch"] - 1]["val_loss"] if best["epoch"] > 0 else math.inf
     else:
-        if main:  # a run killed before its first checkpoint must not resume an older run's
-            remove_checkpoint(checkpoint_dir)
-            (out / RESULT).unlink(missing_ok=True)  # nor pass for finished with its result
-        if config.method == "piggyback":
-            _verify_masks(model, data.train, device)
-            run = _norm_pass(config, config.seed)
-            start_norms_as_backbone(model, task, data.train, device, run)
-    if not distributed.all_equal(start_epoch):
+        if distributed.is_main():  # a run killed before its first checkpoint must not
+            remove_checkpoint(run.checkpoint_dir)  # resume an older run's,
+            (run.out / RESULT).unlink(missing_ok=True)  # nor pass for finished with its result
+        if run.config.method == "piggyback":
+            _verify_masks(run.model, run.data.train, run.device)
+            norm_pass = _norm_pass(run.config, run.config.seed)
+            start_norms_as_backbone(run.model, run.task, run.data.train, run.device, norm_pass)
+    if not distributed.all_equal(progress.start_epoch):
         raise ConfigError(
-            f"the processes found different checkpoints in {checkpoint_dir}; with --resume "
-            "the output folder must be on a filesystem that every node shares"
+            f"the processes found different checkpoints in {run.checkpoint_dir}; with "
+            "--resume the output folder must be on a filesystem that every node shares"
         )
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        _write_metrics(metrics_path, history)  # drops epochs a killed run did not checkpoint
-    progress = config.progress and main
-    params = [p for group in groups for p in group["params"]]
-    trained_keys = set(trainable)
-    buffers = [b for name, b in network.named_buffers() if name in trained_keys]
-    with distributed.data_parallel(network, device, params, sync_bn=config.sync_bn) as trained:
-        for epoch in range(start_epoch, config.epochs):
-            # Same stream whether resumed or not; each process its own (augmentation).
-            epoch_seed = (config.seed * 1_000_003 + epoch) * world + rank
-            torch.manual_seed(epoch_seed)
-            sampler.set_epoch(epoch)
-            loader = train_loader.epoch(epoch_seed)
-            desc = f"{task} {epoch + 1}/{config.epochs}"
-            train_metrics = train_one_epoch(
-                trained,
-                loader,
-                optimizer,
-                device,
-                desc=desc,
-                progress=progress,
-                amp=config.amp,
-                scaler=scaler,
-            )
-            distributed.average_(buffers)
-            if config.method == "piggyback":
-                run = _norm_pass(config, epoch_seed)
-                recalibrate_norms(model, task, data.train, device, run)
-            epoch_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            val = evaluate(
-                network, val_loader, device, data.num_classes, progress=False, amp=config.amp
-            )
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_metrics["loss"],
-                "train_acc": train_metrics["acc"],
-                "val_loss": val["loss"],
-                "val_top1": val["top1"],
-                "lr": epoch_lr,
-            }
-            if config.method != "finetune":
-                row["kept"] = model.mask_stats(task).kept
-            history.append(row)
-            if is_better(val, best):
-                best = {
-                    "epoch": epoch + 1,
-                    "top1": val["top1"],
-                    "loss": val["loss"],
-                    "state": _copy_state(network, trainable),
-                }
-            if main:  # the checkpoint first: metrics.jsonl never gets ahead of it
-                save_checkpoint(
-                    checkpoint_dir,
-                    network,
-                    optimizer,
-                    scheduler,
-                    trainable,
-                    epoch + 1,
-                    history,
-                    best,
-                    scaler,
-                )
-                _write_metrics(metrics_path, history)
-            if main:  # a line per epoch in a log too, where no bar shows progress
-                line = (
-                    f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.3f} "
-                    f"val {row['val_top1']:.3f} (loss {row['val_loss']:.4f})"
-                    + (f" kept {row['kept']:.4f}" if "kept" in row else "")
-                )
-                if progress:
-                    tqdm.write(line)
-                else:
-                    print(line, flush=True)
-    if best["state"] is not None:
-        network.load_state_dict(best["state"], strict=False)
+    if distributed.is_main():  # drops epochs a killed run did not checkpoint
+        _write_metrics(run.metrics_path, progress.history)
+    return progress
+
+
+def _train_epoch(
+    run: _Run, trained: nn.Module, buffers: list[torch.Tensor], epoch: int
+) -> dict[str, Any]:
+    """Train one epoch, re-estimate the norms under the mask, validate: the epoch's row."""
+    config, world = run.config, distributed.world_size()
+    # Same stream whether resumed or not; each process its own (augmentation).
+    epoch_seed = (config.seed * 1_000_003 + epoch) * world + distributed.rank()
+    torch.manual_seed(epoch_seed)
+    run.sampler.set_epoch(epoch)
+    train_metrics = train_one_epoch(
+        trained,
+        run.train_loader.epoch(epoch_seed),
+        run.optimizer,
+        run.device,
+        desc=_epoch_desc(run, epoch),
+        progress=config.progress and distributed.is_main(),
+        amp=config.amp,
+        scaler=run.scaler,
+    )
+    distributed.average_(buffers)
+    if config.method == "piggyback":
+        norm_pass = _norm_pass(config, epoch_seed)
+        recalibrate_norms(run.model, run.task, run.data.train, run.device, norm_pass)
+    epoch_lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    val = run.evaluate(run.val_loader)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train_metrics["loss"],
+        "train_acc": train_metrics["acc"],
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "lr": epoch_lr,
+    }
     if config.method != "finetune":
+        row["kept"] = run.model.mask_stats(run.task).kept
+    return row
+
+
+def _epoch_desc(run: _Run, epoch: int) -> str:
+    return f"{run.task} {epoch + 1}/{run.config.epochs}"
+
+
+def _record_epoch(run: _Run, progress: _Progress) -> None:
+    """On rank 0: the checkpoint first (metrics.jsonl never gets ahead of it), then the
+    metrics and a line for the epoch (in a log too, where no bar shows progress)."""
+    if not distributed.is_main():
+        return
+    row = progress.history[-1]
+    save_checkpoint(
+        run.checkpoint_dir, run.network, run.optimizer, run.scheduler, run.trainable,
+        row["epoch"], progress.history, progress.best, run.scaler,
+    )  # fmt: skip
+    _write_metrics(run.metrics_path, progress.history)
+    line = (
+        f"{_epoch_desc(run, row['epoch'] - 1)}: loss {row['train_loss']:.4f} "
+        f"train {row['train_acc']:.3f} val {row['val_top1']:.3f} (loss {row['val_loss']:.4f})"
+        + (f" kept {row['kept']:.4f}" if "kept" in row else "")
+    )
+    if run.config.progress:
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
+def _finish(
+    run: _Run,
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+    started: float,
+    keep_checkpoint: bool,
+) -> FitResult:
+    """Restore the best epoch, freeze it as its file keeps it, measure it, calibrate and
+    save it, warn about a degenerate task, and write result.json (the run is complete)."""
+    model, task, data, method = run.model, run.task, run.data, run.config.method
+    main = distributed.is_main()
+    if best["state"] is not None:
+        run.network.load_state_dict(best["state"], strict=False)
+    if method != "finetune":
         model.freeze_task(task)  # in every process, so that all hold the same model
     # Measured as saved: the frozen task is what its file reloads to.
-    val = evaluate(network, val_loader, device, data.num_classes, progress=False, amp=config.amp)
-    test = evaluate(network, test_loader, device, data.num_classes, progress=False, amp=config.amp)
-    if main and config.method != "finetune" and len(data.val):
+    val, test = run.evaluate(run.val_loader), run.evaluate(run.test_loader)
+    if main and method != "finetune" and len(data.val):
         # How sure the task is of its own validation images: what task inference compares
         # an input of unknown task with (`piggyback.taskinfer`); saved in its file.
-        loader = make_loader(data.val, config.batch_size, shuffle=False)
-        calibrate_task(model, task, loader, device)
-    task_file = save_result_model(model, network, task, config.method, out) if main else None
-    kept = model.mask_stats(task).kept if config.method == "piggyback" else None
+        loader = make_loader(data.val, run.config.batch_size, shuffle=False)
+        calibrate_task(model, task, loader, run.device)
+    task_file = save_result_model(model, run.network, task, method, run.out) if main else None
+    kept = model.mask_stats(task).kept if method == "piggyback" else None
     problems = degenerate_task_problems(
-        val["top1"], data.num_classes, kept, method=config.method,
+        val["top1"], data.num_classes, kept, method=method,
         train_images=len(data.train), own_norms=bool(model.task_info[task].train_bn),
     )  # fmt: skip
     for problem in problems:
-        warnings.warn(f"task {task!r}: {problem}", DegenerateTaskWarning, stacklevel=2)
+        warnings.warn(f"task {task!r}: {problem}", DegenerateTaskWarning, stacklevel=3)
     result = FitResult(
         task=task,
-        method=config.method,
+        method=method,
         best_epoch=best["epoch"],
         val=val,
         test=test,
@@ -519,9 +634,9 @@ def fit(
         warnings=problems,
     )
     if main:
-        write_atomic(out / RESULT, json.dumps(result.to_dict(), indent=2).encode())
+        write_atomic(run.out / RESULT, json.dumps(result.to_dict(), indent=2).encode())
         if not keep_checkpoint:
-            remove_checkpoint(checkpoint_dir)
+            remove_checkpoint(run.checkpoint_dir)
     distributed.barrier()  # the files are whole before any process goes on
     return result
 
@@ -533,7 +648,7 @@ def _can_resume(checkpoint_dir: Path) -> bool:
     if distributed.is_main():
         warnings.warn(
             f"no complete checkpoint in {checkpoint_dir}; starting over from epoch 1",
-            stacklevel=3,  # the caller of fit
+            stacklevel=4,  # the caller of fit (via _begin)
         )
     return False
 
