@@ -102,7 +102,7 @@ def run(
         progress=not args.no_progress,
         **setting,
     )
-    label = ",".join(f"{k}={v}" for k, v in setting.items()) or "-"
+    label = label_of(setting)
     out = Path(args.work) / f"{args.size}px" / name / task / f"seed{seed}" / label
     if not (args.reuse and (out / "result.json").exists()):
         model = PiggybackModel(backbone_for(variant), config)
@@ -179,6 +179,21 @@ def grid(runs: list[dict[str, Any]], picked: list[dict[str, Any]]) -> list[dict[
     return rows
 
 
+def settings_of(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The TrainConfig settings `method` runs with: its sweep (or its first setting, or
+    the one labelled `args.setting`), the norm passes' images on top for masked methods."""
+    sweep = VARIANTS[method].sweep[:1] if args.no_sweep else VARIANTS[method].sweep
+    if args.setting:
+        sweep = tuple(s for s in sweep if label_of(s) == args.setting) or sweep[:0]
+    if args.recalibrate_images is not None and VARIANTS[method].method == "piggyback":
+        sweep = tuple({**s, "recalibrate_images": args.recalibrate_images} for s in sweep)
+    return list(sweep)
+
+
+def label_of(setting: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.items()) or "-"
+
+
 def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every method, sweep setting, task and seed that `args` asks for, in turn."""
     spec = input_spec(create_backbone(DEFAULT_BACKBONE), size=args.size)
@@ -187,8 +202,7 @@ def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         for task in args.tasks:
             data = load_task_data(task, spec, seed=seed, limit=args.limit)
             for method in args.methods:
-                sweep = VARIANTS[method].sweep[:1] if args.no_sweep else VARIANTS[method].sweep
-                for setting in sweep:
+                for setting in settings_of(method, args):
                     runs.append(run(Path(task).name, task, data, method, setting, seed, args))
                     print(markdown_table(runs[-1:], list(runs[-1])), flush=True)
     return runs
@@ -198,12 +212,12 @@ def merged_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The runs of earlier results files; their settings must agree but for the seeds."""
     payloads = [json.loads(path.read_text()) for path in args.merge]
     first = payloads[0]["settings"]
-    same = ("size", "limit", "epochs", "batch_size", "no_sweep")
+    same = ("size", "limit", "epochs", "batch_size", "no_sweep", "setting", "recalibrate_images")
     for path, payload in zip(args.merge, payloads, strict=True):
-        if any(payload["settings"][key] != first[key] for key in same):
+        if any(payload["settings"].get(key) != first.get(key) for key in same):
             raise SystemExit(f"{path} was run with other settings than {args.merge[0]}")
     for key in (*same, "tasks"):
-        setattr(args, key, first[key])
+        setattr(args, key, first.get(key))
     seeds = [seed for p in payloads for seed in p["settings"]["seeds"]]
     if len(set(seeds)) < len(seeds):
         raise SystemExit(f"the files share seeds ({seeds}): merge runs of different seeds")
@@ -223,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-sweep", action="store_true", help="each method's first setting")
+    parser.add_argument("--setting", help="only the sweep setting of this label, e.g. lr=0.0003")
+    parser.add_argument("--recalibrate-images", type=int,
+                        help="images per norm pass (TrainConfig.recalibrate_images)")  # fmt: skip
     parser.add_argument("--work", default="runs/bench/accuracy", help="task files and logs")
     parser.add_argument("--out", default="bench/results/accuracy.json")
     parser.add_argument("--no-progress", action="store_true")

@@ -7,6 +7,7 @@ markdown table and, with `--out`, writes the numbers as JSON. `--quick` is a tin
 run for CI.
 
     python bench/serve.py --out runs/bench-serve.json
+    python bench/serve.py --device cuda --amp bf16 --out bench/results/serve-cuda.json
     python bench/serve.py --quick
 """
 
@@ -37,6 +38,8 @@ from safetensors.torch import save_file
 
 from piggyback import MaskConfig, PiggybackModel
 from piggyback.backbones import create_backbone
+from piggyback.precision import autocast
+from piggyback.train import resolve_device
 
 MIXES = (1, 20)
 ADMIN_TOKEN = secrets.token_hex(16)  # uploads need one: writes are off without it
@@ -52,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads, server and baseline")
+    parser.add_argument("--device", default="auto", help="the server's --device")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="the server's --amp")
     parser.add_argument("--quick", action="store_true", help="tiny backbone and run (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -106,6 +111,7 @@ def server(
         "--backbone", args.backbone, "--weights", str(weights), "--port", str(port),
         "--cache-size", str(args.cache_size), "--batch-window-ms", str(args.batch_window_ms),
         "--max-batch", str(args.max_batch), "--admin-token", ADMIN_TOKEN,
+        "--device", args.device, *(["--amp", args.amp] if args.amp else []),
     ]  # fmt: skip
     with (directory / "server.log").open("w") as log:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
@@ -186,12 +192,14 @@ def run_mix(url: str, args: argparse.Namespace, mix: int, images: list[bytes]) -
     return row
 
 
-def plain_forward_ms(backbone: str, size: int) -> float:
-    """One image through the plain backbone in this process: the speed to compare with."""
-    net = create_backbone(backbone).eval()
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        seconds = median_seconds(lambda: net(x), torch.device("cpu"), repeat=10)
+def plain_forward_ms(args: argparse.Namespace) -> float:
+    """One image through the plain backbone in this process, on the server's device and
+    precision: the speed to compare with."""
+    device = resolve_device(args.device)
+    net = create_backbone(args.backbone).eval().to(device)
+    x = torch.randn(1, 3, args.size, args.size, device=device)
+    with torch.no_grad(), autocast(device, args.amp):
+        seconds = median_seconds(lambda: net(x), device, repeat=10)
     return round(1000 * seconds, 2)
 
 
@@ -220,18 +228,21 @@ def main() -> None:
                     f"{url}/tasks", content=path.read_bytes(), headers=headers
                 ).raise_for_status()
             rows = [run_mix(url, args, mix, images) for mix in MIXES]
-    settings = {
-        key: getattr(args, key)
-        for key in ("backbone", "size", "cache_size", "batch_window_ms", "max_batch", "threads")
-    }
-    plain = plain_forward_ms(args.backbone, args.size)
+    keys = ("backbone", "size", "cache_size", "batch_window_ms", "max_batch", "threads")
+    settings = {key: getattr(args, key) for key in (*keys, "device", "amp")}
+    plain = plain_forward_ms(args)
+    mix_ratio = round(rows[-1]["req_per_s"] / rows[0]["req_per_s"], 3)
     print(
-        f"{args.backbone} at {args.size} px, cache {args.cache_size}, window "
-        f"{args.batch_window_ms} ms; one image through the plain backbone: {plain} ms\n"
+        f"{args.backbone} at {args.size} px on {args.device} (amp {args.amp}), cache "
+        f"{args.cache_size}, window {args.batch_window_ms} ms; one image through the plain "
+        f"backbone: {plain} ms\n"
     )
     print(markdown_table(rows, COLUMNS))
+    print(f"\nrequests/s, {MIXES[-1]}-task mix / single task: {mix_ratio} (issue 18: >= 0.8)")
     if args.out:
-        write_results(args.out, {"settings": settings, "plain_forward_ms": plain, "rows": rows})
+        payload = {"settings": settings, "plain_forward_ms": plain, "rows": rows,
+                   "mix_ratio": mix_ratio}  # fmt: skip
+        write_results(args.out, payload)
 
 
 if __name__ == "__main__":

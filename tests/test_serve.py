@@ -706,6 +706,28 @@ def test_batched_logits_equal_one_at_a_time(
     assert len(registry.cache.tasks) == min(cache_size, len(TASKS))
 
 
+def test_amp_runs_every_batch_under_autocast(task_dir: Path, reference: PiggybackModel) -> None:
+    """--amp bf16: cached and masked batches run in bf16, and answer as the library does
+    under the same autocast; fp16 on the CPU and unknown precisions are refused."""
+    registry = TaskRegistry(PiggybackModel(make_tiny(), MaskConfig()), SPEC, task_dir,
+                            cache_size=1, amp="bf16")  # fmt: skip
+    x = {task: torch.randn(2, 3, spec_of(reference, task).size, 16) for task in TASKS}
+    jobs = [Job(task, x[task]) for task in TASKS]
+    for _ in range(2):  # the first task is baked and cached after its first batch
+        for job, logits in zip(jobs, registry.infer(jobs), strict=True):
+            reference.set_task(job.task)
+            with torch.no_grad():
+                plain = reference(job.images)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    low = reference(job.images).float()
+            assert logits.dtype == torch.float32 and not torch.equal(logits, plain)
+            torch.testing.assert_close(logits, low, rtol=0.05, atol=0.05)
+    with pytest.raises(piggyback.ConfigError, match="needs CUDA"):
+        TaskRegistry(PiggybackModel(make_tiny(), MaskConfig()), SPEC, task_dir, amp="fp16")
+    with pytest.raises(piggyback.ConfigError, match="amp='fp8'"):
+        ServeConfig(amp="fp8")  # type: ignore[arg-type]
+
+
 def test_batcher_fills_batches_and_isolates_errors() -> None:
     sizes: list[int] = []
 
@@ -767,6 +789,8 @@ def test_serve_command_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "max_batch" in capsys.readouterr().err
     assert main(["serve", "--tasks", str(tmp_path), "--device", "tpu"]) == 2
     assert "not a torch device" in capsys.readouterr().err
+    assert main(["serve", "--tasks", str(tmp_path), "--device", "cpu", "--amp", "fp16"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
     assert main(["serve", "--tasks", str(tmp_path), "--header-timeout", "0"]) == 2
     assert "header_timeout_s" in capsys.readouterr().err
     both = ["--admin-token", "t", "--allow-unauthenticated-writes"]

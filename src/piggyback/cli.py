@@ -21,6 +21,7 @@ import yaml
 
 from . import verbs
 from .errors import ConfigError, PiggybackError
+from .precision import AMP_DTYPES, check_amp
 from .recipes import RECIPES
 from .trainrun import default_out, read_config_file, read_tasks_file, task_name
 from .workers import workers
@@ -83,6 +84,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_amp_flag(group: Any) -> None:
+    group.add_argument("--amp", choices=tuple(AMP_DTYPES), help="mixed precision (fp16: CUDA)")
 
 
 def _verb(
@@ -247,7 +252,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "(default: the recipe's)",
     )
     group = train.add_argument_group("scaling out (torchrun; see docs/scaling.md)")
-    group.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA)")
+    _add_amp_flag(group)
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
     group = train.add_argument_group("output")
     group.add_argument(
@@ -276,7 +281,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
         "for every task, overriding the file", argument_default=argparse.SUPPRESS
     )
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA)")
+    _add_amp_flag(group)
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm with --train-bn")
     group.add_argument("--num-workers", type=workers, help="processes that decode images")
     _add_run_flags(group)
@@ -448,6 +453,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     serve.add_argument(
         "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N"
     )
+    _add_amp_flag(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     group = serve.add_argument_group("access (uploads and deletions are off without a token)")
@@ -656,10 +662,12 @@ def _serve(args: argparse.Namespace) -> int:
         infer_task=args.infer_task,
         infer_rule=args.infer_rule,
         infer_threshold=args.infer_threshold,
+        amp=args.amp,
     )
     from .train import resolve_device
 
     device = resolve_device(args.device)  # validates before the backbone loads
+    check_amp(config.amp, device)
     model, spec = build_model(args.tasks, backbone=args.backbone, weights=args.weights)
     model.to(device)
     app = create_app(model, spec, args.tasks, config, size=args.size)

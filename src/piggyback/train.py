@@ -31,7 +31,7 @@ from .data import EpochLoader, TaskData, make_loader
 from .errors import ConfigError, DataError, DegenerateTaskWarning
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
-from .precision import AMP_DTYPES, Amp, autocast
+from .precision import Amp, autocast, check_amp
 from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
 from .taskinfer import calibrate_task
@@ -107,10 +107,7 @@ class TrainConfig:
             )
         check_workers(self.num_workers)
         device = resolve_device(self.device)
-        if self.amp is not None and self.amp not in AMP_DTYPES:
-            raise ConfigError(f"amp={self.amp!r}; expected None, 'bf16' or 'fp16'")
-        if self.amp == "fp16" and device.type != "cuda":
-            raise ConfigError(f"amp='fp16' needs CUDA, the device is {device}; use 'bf16'")
+        check_amp(self.amp, device)
         if self.sync_bn and device.type != "cuda":
             raise ConfigError(
                 f"sync_bn=True needs CUDA (PyTorch's SyncBatchNorm), the device is {device}"

@@ -63,6 +63,7 @@ def create_app(
         size=size,
         cache_size=config.cache_size,
         max_input_size=config.max_input_size,
+        amp=config.amp,
     )
     batcher = Batcher(
         registry.infer, window_s=config.batch_window_ms / 1000, max_batch=config.max_batch
@@ -159,7 +160,8 @@ def startup_lines(app: FastAPI, device: object) -> list[str]:
     names = ", ".join(registry.names) or "none yet"
     lines = [
         f"backbone {type(model.base).__name__} (fingerprint {model.fingerprint[:16]}) on "
-        f"{device}; {len(registry.names)} task(s): {names}"
+        f"{device}{f' under {registry.amp} autocast' if registry.amp else ''}; "
+        f"{len(registry.names)} task(s): {names}"
     ]
     lines += [
         f"warning: skipped {name}: {' '.join(reason.split())}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..precision import Amp, check_amp
 from ..taskinfer import DEFAULT_RULE, RULES
 
 
@@ -21,6 +22,9 @@ class ServeConfig:
     of that task is resized to it; `max_request_pixels` caps the decoded pixels of one
     request's images together; `header_timeout_s` and `body_timeout_s` are how long a
     client may take to send its request head and its body.
+
+    Precision: `amp` runs every forward pass under torch.autocast ("bf16"; "fp16" needs
+    CUDA); the answers are the same classes at the precision's rounding.
 
     Task inference: with `infer_task`, a prediction request without a task gets each
     image's task inferred among the tasks served (`piggyback.taskinfer`, by `infer_rule`;
@@ -51,6 +55,7 @@ class ServeConfig:
     infer_task: bool = False
     infer_rule: str = DEFAULT_RULE
     infer_threshold: float | None = None  # None: the rule's (taskinfer.DEFAULT_THRESHOLDS)
+    amp: Amp | None = None
 
     def __post_init__(self) -> None:
         _check_number("batch_window_ms", self.batch_window_ms, allow_zero=True)
@@ -75,6 +80,7 @@ class ServeConfig:
             raise ConfigError(f"infer_rule={self.infer_rule!r}; expected one of {RULES}")
         if self.infer_threshold is not None:
             _check_number("infer_threshold", self.infer_threshold, allow_zero=True)
+        check_amp(self.amp)
         if not isinstance(self.allow_unauthenticated_writes, bool):
             raise ConfigError(
                 "allow_unauthenticated_writes must be True or False, "

@@ -32,6 +32,7 @@ from torch import nn
 from ..backbones import InputSpec
 from ..errors import ConfigError, PiggybackError, TaskFileError, UnknownTaskError
 from ..model import PiggybackModel
+from ..precision import Amp, autocast, check_amp
 from ..store import (
     SUFFIX,
     PreparedTask,
@@ -138,7 +139,8 @@ class TaskRegistry:
     """Every task file of `directory`, loaded onto one model, and the way to run them.
 
     Each task is fed at `size` if given, else at the size its file records (what it was
-    trained at), else at `spec.size`; never above `max_input_size`. One lock guards the
+    trained at), else at `spec.size`; never above `max_input_size`. Batches run on the
+    model's device, under autocast when `amp` is set. One lock guards the
     model: batches and the quick install or removal of a task take turns, so a task never
     changes under a running batch. Reading, checking and decoding an upload (slow for a
     hostile file) happen outside it, while batches run; uploads and deletions take turns
@@ -158,6 +160,7 @@ class TaskRegistry:
         size: int | None = None,
         cache_size: int = 4,
         max_input_size: int = 512,
+        amp: Amp | None = None,
     ) -> None:
         if model.tasks:
             raise ConfigError(
@@ -169,6 +172,9 @@ class TaskRegistry:
                 f"input size {size} exceeds the largest this server accepts, {max_input_size}: "
                 "pass a smaller size or raise max_input_size (--max-input-size)"
             )
+        self.device = next(model.parameters()).device
+        check_amp(amp, self.device)
+        self.amp = amp
         self.model = model.eval()
         self.spec = spec
         self.size = size
@@ -251,15 +257,15 @@ class TaskRegistry:
             for i in live:
                 key = (baked[jobs[i].task], jobs[i].images.shape[1:])
                 groups.setdefault(key, []).append(i)
-            device = next(self.model.parameters()).device
             for (module, _), indices in groups.items():
-                batch = torch.cat([jobs[i].images for i in indices]).to(device)
-                if module is None:
-                    names = [jobs[i].task for i in indices for _ in range(jobs[i].rows)]
-                    logits = self.model(batch, task_names=names)
-                else:
-                    logits = module(batch)
-                parts = logits.cpu().split([jobs[i].rows for i in indices])
+                batch = torch.cat([jobs[i].images for i in indices]).to(self.device)
+                with autocast(self.device, self.amp):
+                    if module is None:
+                        names = [jobs[i].task for i in indices for _ in range(jobs[i].rows)]
+                        logits = self.model(batch, task_names=names)
+                    else:
+                        logits = module(batch)
+                parts = logits.float().cpu().split([jobs[i].rows for i in indices])
                 for i, part in zip(indices, parts, strict=True):
                     outcomes[i] = part[:, : self._entries[jobs[i].task].num_classes]
         return outcomes
@@ -287,17 +293,17 @@ class TaskRegistry:
         order: list[TaskEntry] = []
         scores, logits = [], {}
         with self._lock:
-            device = next(self.model.parameters()).device
             for spec, group in by_spec.items():
                 names = [entry.name for entry in group if entry.name in self._entries]
                 if not names:
                     continue  # deleted meanwhile
-                found = self.model.infer_task(
-                    batches[spec].to(device), tasks=names, rule=rule, threshold=0.0
-                )
+                with autocast(self.device, self.amp):
+                    found = self.model.infer_task(
+                        batches[spec].to(self.device), tasks=names, rule=rule, threshold=0.0
+                    )
                 order += [self._entries[name] for name in names]
-                scores.append(found.candidate_scores.cpu())
-                logits.update({name: value.cpu() for name, value in found.logits.items()})
+                scores.append(found.candidate_scores.float().cpu())
+                logits.update({name: v.float().cpu() for name, v in found.logits.items()})
         if not order:
             raise UnknownTaskError("every task was deleted while inferring")
         best, index = torch.cat(scores, 1).max(1)
