@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from piggyback.data import load_task_data, make_loader
+from piggyback.loop import evaluate
 from piggyback.pipeline import open_task, task_source
 from piggyback.store import read_safetensors, read_task_file
-from piggyback.train import evaluate
 
 
 def fp32_norms(checkpoint: Path, task: str) -> dict[str, dict[str, torch.Tensor]]:

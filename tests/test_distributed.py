@@ -23,7 +23,8 @@ from piggyback import ConfigError, MaskConfig, PiggybackModel, distributed
 from piggyback.backbones import InputSpec, create_backbone, input_spec
 from piggyback.cli import main
 from piggyback.data import TaskData, load_task_data, make_loader
-from piggyback.train import TrainConfig, evaluate, fit, setup_training
+from piggyback.loop import evaluate
+from piggyback.train import TrainConfig, fit, setup_training
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

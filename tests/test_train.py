@@ -17,7 +17,8 @@ from piggyback import ConfigError, MaskConfig, PiggybackModel, fingerprint
 from piggyback.backbones import InputSpec
 from piggyback.data import TaskData, load_task_data, make_loader
 from piggyback.errors import DataError, TaskFileError
-from piggyback.train import TrainConfig, evaluate, fit, setup_training, train_one_epoch
+from piggyback.loop import evaluate, train_one_epoch
+from piggyback.train import TrainConfig, fit, setup_training
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 

@@ -21,12 +21,13 @@ from .backbones import DEFAULT_BACKBONE, InputSpec, create_backbone, input_spec
 from .config import MaskConfig
 from .data import BUILTIN_TASKS, TaskData, load_task_data, make_loader
 from .errors import ConfigError
+from .loop import evaluate
 from .model import PiggybackModel
 from .recipes import recipe
 from .report import describe_task_file, plot_histories, plot_layer_kept
 from .store import fingerprint, write_atomic
 from .taskmeta import spec_record
-from .train import RESULT, FitResult, TrainConfig, evaluate, fit
+from .train import RESULT, FitResult, TrainConfig, fit
 
 
 @dataclass(frozen=True)

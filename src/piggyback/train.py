@@ -1,4 +1,4 @@
-"""Training: plain functions over any model and loader, with the default recipe.
+"""Training: `fit` and its phases, with the default recipe; the loop itself is `piggyback.loop`.
 
 `fit` adds one task to a PiggybackModel with one of three methods, so they can be
 compared side by side: "piggyback" (learn the mask and the head), "classifier"
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -28,10 +27,11 @@ from . import distributed, recipes
 from .baked import recorded_spec, task_model_info, write_baked
 from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from .data import EpochLoader, TaskData, make_loader
-from .errors import ConfigError, DataError, DegenerateTaskWarning
+from .errors import ConfigError, DegenerateTaskWarning
+from .loop import evaluate, train_one_epoch
 from .model import PiggybackModel
 from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
-from .precision import Amp, autocast, check_amp
+from .precision import Amp, check_amp
 from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
 from .taskinfer import calibrate_task
@@ -151,104 +151,6 @@ class FitResult:
         data = asdict(self)
         data["task_file"] = str(self.task_file) if self.task_file else None
         return data
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    *,
-    desc: str = "train",
-    progress: bool = True,
-    amp: Amp | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss and accuracy (over every process's share).
-
-    `scaler` scales fp16 losses so small gradients do not underflow.
-    """
-    model.train()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for images, labels in bar:
-        if len(labels) == 1 and model.training:
-            continue  # a last batch of one sample: BatchNorm cannot train on it
-        targets = labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True))
-            _check_batch_labels(labels, logits.shape[1])
-            loss = F.cross_entropy(logits, targets)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    totals = distributed.all_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
-    total_loss, correct, seen = totals.tolist()
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    num_classes: int,
-    *,
-    desc: str = "eval",
-    progress: bool = True,
-    amp: Amp | None = None,
-) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy, and mean loss, over `loader`.
-
-    Under torch.distributed each process passes its own share of the set
-    (`distributed.shard`) and every process gets the metrics of the whole set.
-    """
-    model.eval()
-    total_loss, top1, top5, seen = 0.0, 0, 0, 0
-    hits = torch.zeros(num_classes, dtype=torch.long)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        _check_batch_labels(labels, num_classes)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)
-        total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        right = ranked[:, 0] == labels
-        top1 += int(right.sum())
-        top5 += int((ranked == labels[:, None]).any(1).sum())
-        seen += len(labels)
-        counts += torch.bincount(labels.cpu(), minlength=num_classes)
-        hits += torch.bincount(labels[right].cpu(), minlength=num_classes)
-    totals = distributed.all_sum(torch.tensor([total_loss, top1, top5, seen], dtype=torch.float64))
-    total_loss, (top1, top5, seen) = float(totals[0]), totals[1:].long().tolist()
-    hits, counts = distributed.all_sum(torch.stack([hits, counts]))
-    per_class = [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
-    return {
-        "top1": top1 / max(seen, 1),
-        "top5": top5 / max(seen, 1),
-        "loss": total_loss / max(seen, 1),
-        "per_class": per_class,
-        "samples": seen,
-    }
-
-
-def _check_batch_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Refuse a batch whose labels the head has no output for: cross_entropy would fail
-    deep inside, on CUDA as a device-side assert that ends the process. `labels` are the
-    loader's, still on the CPU, so checking them costs no device sync."""
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(
-            f"a batch has labels {int(labels.min())}..{int(labels.max())}, but the head has "
-            f"{num_classes} classes (0..{num_classes - 1}); train or evaluate it on data "
-            "with those classes"
-        )
 
 
 def setup_training(

@@ -17,8 +17,9 @@ from .trainrun import show_progress
 
 def eval_command(args: argparse.Namespace) -> int:
     from .data import load_task_data, make_loader, source_path
+    from .loop import evaluate
     from .modelfile import open_model_file
-    from .train import evaluate, resolve_device
+    from .train import resolve_device
 
     _check_positive(batch_size=args.batch_size)
     opened = open_model_file(
