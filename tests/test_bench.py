@@ -61,11 +61,11 @@ def test_storage_bench(tmp_path: Path) -> None:
 def test_task_inference_bench(tmp_path: Path) -> None:
     payload = run_bench("task_inference", tmp_path)
     for setting in ("domains", "split"):
-        assert [row["rule"] for row in payload[setting]] == ["calibrated", "entropy"]
+        assert [row["rule"] for row in payload[setting]] == ["calibrated", "entropy", "features"]
         for row in payload[setting]:
             assert 0 <= row["per_sample"] <= 1 and 0 <= row["end_to_end"] <= row["per_sample"]
     refusals = payload["domains_refusal"]
-    assert sum(row["default"] for row in refusals) == 2, "one default threshold per rule"
+    assert sum(row["default"] for row in refusals) == 3, "one default threshold per rule"
     assert [row["k"] for row in payload["cost"]] == [3, 10]
 
 

@@ -206,7 +206,7 @@ def feature_score(record: dict[str, Any], features: dict[str, torch.Tensor]) -> 
 
 def p_value(statistic: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """1 - CDF(statistic), the CDF linear between its stored quantiles, squeezed into
-    [TAIL, 1]; beyond the last quantile TAIL * exp(-excess / the top tenth's spread)."""
+    [TAIL, 1]; beyond the last quantile TAIL / (1 + excess / the top tenth's spread)."""
     statistic, quantiles = statistic.float().contiguous(), quantiles.float()
     steps = len(quantiles) - 1
     upper = torch.searchsorted(quantiles, statistic).clamp(1, steps)
@@ -214,7 +214,7 @@ def p_value(statistic: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     within = ((statistic - low) / (high - low).clamp_min(_EPS)).clamp(0, 1)
     score = 1 - (upper - 1 + within) / steps
     spread = (quantiles[-1] - quantiles[round(0.9 * steps)]).clamp_min(_EPS)
-    tail = TAIL * torch.exp(-(statistic - quantiles[-1]) / spread)
+    tail = TAIL / (1 + (statistic - quantiles[-1]) / spread)  # no underflow: ranks
     inside = TAIL + (1 - TAIL) * score.clamp(0, 1)
     return torch.where(statistic > quantiles[-1], tail.clamp(max=TAIL), inside)
 

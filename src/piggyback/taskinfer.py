@@ -118,9 +118,7 @@ def infer_task(
         task: output[i * batch : (i + 1) * batch, : model.task_info[task].num_classes]
         for i, task in enumerate(candidates)
     }
-    scores = torch.stack(
-        [_score(model, task, logits[task], rule, seen) for task in candidates], 1
-    )
+    scores = torch.stack([_score(model, task, logits[task], rule, seen) for task in candidates], 1)
     if same_task:
         scores = scores.mean(0, keepdim=True).expand(batch, -1)
     best, index = scores.max(1)
@@ -173,7 +171,9 @@ def _score(
 ) -> torch.Tensor:
     if rule == "features":
         record = model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY]
-        features = {layer["name"]: torch.cat(seen[layer["name"], task]) for layer in record["layers"]}
+        features = {
+            layer["name"]: torch.cat(seen[layer["name"], task]) for layer in record["layers"]
+        }
         return feature_score(record, features)
     entropy = normalised_entropy(logits)
     if rule == "entropy":

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from . import taskfeatures
 from .backbones import InputSpec
 from .bits import CODECS
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileError
-from . import taskfeatures
 from .taskinfer import CALIBRATION_KEY, FEATURES_KEY, QUANTILES
 
 MAX_INPUT_SIZE = 2048  # pixels a side; a task trained above this is refused
