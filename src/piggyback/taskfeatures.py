@@ -38,7 +38,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .model import PiggybackModel
 
-FEATURE_DEPTHS = (0.4, 0.6, 0.8)  # of the masked layers, in order: the layers a task keeps
+FEATURE_DEPTHS = (0.3, 0.5, 0.7)  # of the masked layers, in order: the layers a task keeps
 COMPONENTS = 8  # leading directions of the shared covariance kept per layer
 SHRINK = 0.9  # covariance = SHRINK * sample covariance + (1 - SHRINK) * its mean variance
 FOLDS = 5  # validation images measured out of fold (what the p-value is read off)

@@ -51,7 +51,7 @@ FEATURES_KEY = "features"  # in the calibration: the "features" rule's statistic
 QUANTILES = 101  # stored points of a task's validation entropy distribution (0%, 1%, ... 100%)
 # Below these scores an input is refused: on bench/task_inference.py's run, the highest
 # that refused at most 5% of the known tasks' own test images, in both settings.
-DEFAULT_THRESHOLDS = {"calibrated": 0.01, "entropy": 0.4, "features": 0.01}
+DEFAULT_THRESHOLDS = {"calibrated": 0.01, "entropy": 0.4, "features": 0.05}
 
 
 @dataclass(frozen=True)
