@@ -264,3 +264,8 @@ def test_predict_infers_the_task_among_task_files(tmp_path: Path) -> None:
     refused = run("predict", *flags, "1.5", str(images))
     assert refused.returncode == 0, refused.stderr
     assert all("no known task (closest " in line for line in refused.stdout.splitlines())
+    default = run("predict", "--tasks", files[0], "--tasks", files[1], str(images), "--json")
+    assert default.returncode == 0, default.stderr  # the features rule: fit stored its statistics
+    rows = json.loads(default.stdout)
+    assert len(rows) == 2 and all(r["task"] in ("left", "right", None) for r in rows)
+    assert all(0 <= r["score"] <= 1 for r in rows)

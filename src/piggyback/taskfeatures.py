@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -83,15 +83,13 @@ def captured(model: PiggybackModel, layers: Sequence[str]) -> Iterator[dict[tupl
             f"it masks {len(model.masked_layers)} layers (e.g. {list(model.masked_layers)[:3]})"
         )
 
-    def hook(module: nn.Module, _args: Any, output: Any, name: str) -> None:
-        seen.setdefault((name, module.active_task), []).append(pooled(output, module))
+    def keep(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+            seen.setdefault((name, module.active_task), []).append(pooled(output, module))
 
-    handles = [
-        model.masked_layers[name].register_forward_hook(
-            lambda module, args, output, name=name: hook(module, args, output, name)
-        )
-        for name in layers
-    ]
+        return hook
+
+    handles = [model.masked_layers[name].register_forward_hook(keep(name)) for name in layers]
     try:
         yield seen
     finally:

@@ -173,10 +173,8 @@ def _score(
 ) -> torch.Tensor:
     if rule == "features":
         record = model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY]
-        features = {
-            layer["name"]: torch.cat(seen[layer["name"], task]) for layer in record["layers"]
-        }
-        return feature_score(record, features)
+        names = [layer["name"] for layer in record["layers"]]
+        return feature_score(record, _features_of(seen, names, task))
     entropy = normalised_entropy(logits)
     if rule == "entropy":
         return 1 - entropy
@@ -222,12 +220,22 @@ def calibrate_task(
         finally:
             model.set_task(active)
     record = calibration(torch.cat(entropies) if entropies else torch.empty(0))
-    features = {name: torch.cat(seen[name, task]).cpu() for name in layers}
+    features = {name: value.cpu() for name, value in _features_of(seen, layers, task).items()}
     by_class = torch.cat(labels) if labels and len(labels) == len(entropies) else None
     classes = model.task_info[task].num_classes
     record[FEATURES_KEY] = feature_record(features, by_class, classes)
     model.task_info[task].metadata[CALIBRATION_KEY] = record
     return record
+
+
+def _features_of(
+    seen: dict[tuple[str, str], list[torch.Tensor]], layers: list[str], task: str
+) -> dict[str, torch.Tensor]:
+    """What `captured` saw of `task` at `layers`, one tensor a layer."""
+    missing = [name for name in layers if (name, task) not in seen]
+    if missing:
+        raise ConfigError(f"layers {missing} never ran for task {task!r}: no features to compare")
+    return {name: torch.cat(seen[name, task]) for name in layers}
 
 
 @contextmanager
