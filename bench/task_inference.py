@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import markdown_table, median_seconds, write_results
+from _common import interleaved_seconds, markdown_table, write_results
 from torch.utils.data import Dataset
 
 from piggyback import PiggybackModel
@@ -172,26 +172,27 @@ def cost(
     model: PiggybackModel, images: torch.Tensor, task_file: Path, device: torch.device
 ) -> list[dict[str, Any]]:
     """Seconds per image of inference over k tasks, by each rule, against one plain
-    forward."""
+    forward (the task baked into a plain backbone); timed in turns, so that other
+    processes on the machine slow every figure alike."""
     batch = images[:BATCH]
-    task = next(iter(model.task_info))
-    model.set_task(task).eval()
-    with torch.no_grad():
-        plain = median_seconds(lambda: model(batch), device) / len(batch)
+    plain = model.bake(next(iter(model.task_info))).to(device)
     rows = []
     for k in (3, 10):
         names = [f"copy{i}" for i in range(k)]
         for name in names:
             model.load_task(task_file, name=name)
+        runs = {"plain": lambda: plain(batch)}
         for rule in RULES:
-            seconds = median_seconds(
-                lambda names=names, rule=rule: model.infer_task(batch, tasks=names, rule=rule),
-                device,
+            runs[rule] = lambda rule=rule, names=names: model.infer_task(
+                batch, tasks=names, rule=rule
             )
-            per_image = seconds / len(batch)
+        with torch.no_grad():
+            seconds = interleaved_seconds(runs, device, repeat=9)
+        for rule in RULES:
             rows.append(
-                {"rule": rule, "k": k, "ms_per_image": 1000 * per_image,
-                 "plain_ms_per_image": 1000 * plain, "ratio": per_image / plain}
+                {"rule": rule, "k": k, "ms_per_image": 1000 * seconds[rule] / len(batch),
+                 "plain_ms_per_image": 1000 * seconds["plain"] / len(batch),
+                 "ratio": seconds[rule] / seconds["plain"]}
             )  # fmt: skip
         for name in names:
             model.remove_task(name)
