@@ -232,6 +232,10 @@ def test_token_inputs_as_keywords() -> None:
     ids = torch.randint(0, 50, (5, 7))
     found = model.infer_task(input_ids=ids, rule="entropy", threshold=0.0)
     assert len(found.tasks) == 5 and found.logits["y"].shape == (5, 3)
+    for task in ("x", "y"):  # token features: pooled over positions
+        calibrate_task(model, task, [torch.randint(0, 50, (6, 7)) for _ in range(2)])
+    found = model.infer_task(input_ids=ids, threshold=0.0)
+    assert found.rule == "features" and None not in found.tasks
 
 
 def test_fit_stores_the_calibration_in_the_task_file(tmp_path: Path) -> None:
