@@ -27,17 +27,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import markdown_table, median_seconds, write_results
+from _common import interleaved_seconds, markdown_table, write_results
 from torch.utils.data import Dataset
 
 from piggyback import PiggybackModel
 from piggyback.backbones import DEFAULT_BACKBONE, create_backbone, input_spec
 from piggyback.data import TaskData, load_task_data, make_loader
 from piggyback.data.builtin import FASHION_MNIST_DIR
-from piggyback.taskinfer import DEFAULT_THRESHOLDS, RULES
+from piggyback.taskinfer import DEFAULT_THRESHOLDS, RULES, calibrate_task
 from piggyback.train import TrainConfig, fit
 
 BATCH = 16  # samples of one task in a per-batch inference
+COST_COLUMNS = ["rule", "k", "ms_per_image", "plain_ms_per_image", "ratio"]
 
 
 class ClassSubset(Dataset):
@@ -129,6 +130,7 @@ def identification(
 SWEEP = {
     "calibrated": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
     "entropy": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "features": [0.01, 0.02, 0.03, 0.05, 0.07, 0.1],
 }
 
 
@@ -169,23 +171,29 @@ def refusal(
 def cost(
     model: PiggybackModel, images: torch.Tensor, task_file: Path, device: torch.device
 ) -> list[dict[str, Any]]:
-    """Seconds per image of inference over k tasks against one plain forward."""
+    """Seconds per image of inference over k tasks, by each rule, against one plain
+    forward (the task baked into a plain backbone); timed in turns, so that other
+    processes on the machine slow every figure alike."""
     batch = images[:BATCH]
-    task = next(iter(model.task_info))
-    model.set_task(task).eval()
-    with torch.no_grad():
-        plain = median_seconds(lambda: model(batch), device) / len(batch)
+    plain = model.bake(next(iter(model.task_info))).to(device)
     rows = []
     for k in (3, 10):
         names = [f"copy{i}" for i in range(k)]
         for name in names:
             model.load_task(task_file, name=name)
-        seconds = median_seconds(lambda names=names: model.infer_task(batch, tasks=names), device)
-        per_image = seconds / len(batch)
-        rows.append(
-            {"k": k, "ms_per_image": 1000 * per_image, "plain_ms_per_image": 1000 * plain,
-             "ratio": per_image / plain}
-        )  # fmt: skip
+        runs = {"plain": lambda: plain(batch)}
+        for rule in RULES:
+            runs[rule] = lambda rule=rule, names=names: model.infer_task(
+                batch, tasks=names, rule=rule
+            )
+        with torch.no_grad():
+            seconds = interleaved_seconds(runs, device, repeat=9)
+        for rule in RULES:
+            rows.append(
+                {"rule": rule, "k": k, "ms_per_image": 1000 * seconds[rule] / len(batch),
+                 "plain_ms_per_image": 1000 * seconds["plain"] / len(batch),
+                 "ratio": seconds[rule] / seconds["plain"]}
+            )  # fmt: skip
         for name in names:
             model.remove_task(name)
     return rows
@@ -226,10 +234,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = PiggybackModel(create_backbone(DEFAULT_BACKBONE)).to(device)
             model.add_task("t", 10)
             model.freeze_task("t")
+            calibrate_task(model, "t", [torch.randn(BATCH, 3, args.size, args.size)])
             task_file = model.save_task("t", Path(scratch) / "t.safetensors")
             images = torch.randn(BATCH, 3, args.size, args.size, device=device)
             results["cost"] = cost(model, images, task_file, device)
-        print(markdown_table(results["cost"], ["k", "ms_per_image", "plain_ms_per_image", "ratio"]))
+        print(markdown_table(results["cost"], COST_COLUMNS))
         write_results(args.out, results)
         return results
     with tempfile.TemporaryDirectory() as scratch:
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("domains_refusal", ["rule", "threshold", "default", "unseen_refused", "known_refused"]),
         ("split", ["rule", "tasks", "per_sample", "per_batch", "end_to_end", "task_given"]),
         ("split_refusal", ["rule", "threshold", "default", "unseen_refused", "known_refused"]),
-        ("cost", ["k", "ms_per_image", "plain_ms_per_image", "ratio"]),
+        ("cost", COST_COLUMNS),
     ):
         print(f"\n{key}\n" + markdown_table(results[key], columns))
     write_results(args.out, results)

@@ -60,13 +60,16 @@ def test_storage_bench(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_task_inference_bench(tmp_path: Path) -> None:
     payload = run_bench("task_inference", tmp_path)
+    rules = ["calibrated", "entropy", "features"]
     for setting in ("domains", "split"):
-        assert [row["rule"] for row in payload[setting]] == ["calibrated", "entropy"]
+        assert [row["rule"] for row in payload[setting]] == rules
         for row in payload[setting]:
             assert 0 <= row["per_sample"] <= 1 and 0 <= row["end_to_end"] <= row["per_sample"]
     refusals = payload["domains_refusal"]
-    assert sum(row["default"] for row in refusals) == 2, "one default threshold per rule"
-    assert [row["k"] for row in payload["cost"]] == [3, 10]
+    assert sum(row["default"] for row in refusals) == 3, "one default threshold per rule"
+    assert [(row["rule"], row["k"]) for row in payload["cost"]] == [
+        (rule, k) for k in (3, 10) for rule in rules
+    ]
 
 
 def test_train_cost_bench(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,10 +13,21 @@ from test_cli import TINY_RUN, run, write_images
 from test_model import train_steps
 from torch import nn
 
-from piggyback import MaskConfig, PiggybackModel
+from piggyback import MaskConfig, PiggybackModel, TaskFileError, read_task_file
 from piggyback.errors import ConfigError
+from piggyback.store import write_task_file
+from piggyback.taskfeatures import (
+    TAIL,
+    captured,
+    decode16,
+    encode16,
+    feature_layers,
+    feature_score,
+    p_value,
+)
 from piggyback.taskinfer import (
     CALIBRATION_KEY,
+    FEATURES_KEY,
     QUANTILES,
     calibrate_task,
     calibration,
@@ -73,6 +85,8 @@ def test_calibrated_rule_reads_each_tasks_validation_quantiles(model: PiggybackM
     x, active = torch.randn(6, 3, 16, 16), model.active_task
     with pytest.raises(ConfigError, match=r"\['a', 'b'\] have none"):
         model.infer_task(x, rule="calibrated")
+    with pytest.raises(ConfigError, match=r"\['a', 'b'\] have none"):
+        model.infer_task(x)  # the default rule, features, needs the calibration too
     for task in ("a", "b"):
         record = calibrate_task(model, task, [torch.randn(5, 3, 16, 16) for _ in range(2)])
         assert len(record["quantiles"]) == QUANTILES and record["samples"] == 10
@@ -93,6 +107,114 @@ def test_calibration_is_the_distribution_it_was_read_from() -> None:
         calibration(torch.empty(0))
 
 
+def domain(shift: float, n: int = 12) -> torch.Tensor:
+    """Images of one "domain": noise around its own brightness."""
+    return torch.randn(n, 3, 16, 16) * 0.5 + shift
+
+
+def calibrated(model: PiggybackModel) -> PiggybackModel:
+    """Task a calibrated on bright images (labelled), b on dark ones (unlabelled)."""
+    torch.manual_seed(1)
+    calibrate_task(model, "a", [(domain(2.0), torch.arange(12) % 3) for _ in range(2)])
+    calibrate_task(model, "b", [domain(-2.0) for _ in range(2)])
+    return model
+
+
+def test_features_rule_scores_each_task_on_its_own_pass(model: PiggybackModel) -> None:
+    """The mixed batch's features are each task's own: the scores equal those of a pass
+    per task; a task's own kind of image scores high, the other's low."""
+    calibrated(model)
+    record = model.task_info["a"].metadata[CALIBRATION_KEY][FEATURES_KEY]
+    assert record["classes"] == 3 and len(record["quantiles"]) == QUANTILES
+    assert [layer["name"] for layer in record["layers"]] == feature_layers(model)
+    assert model.task_info["b"].metadata[CALIBRATION_KEY][FEATURES_KEY]["classes"] == 1
+    x = torch.cat([domain(2.0, 4), domain(-2.0, 4)])
+    found = model.infer_task(x, threshold=0.0)
+    assert found.rule == "features" and found.tasks == ["a"] * 4 + ["b"] * 4
+    for column, task in enumerate(found.candidates):
+        layers = feature_layers(model)
+        with torch.no_grad(), captured(model, layers) as seen:
+            model.set_task(task)(x)
+        own = {name: torch.cat(seen[name, task]) for name in layers}
+        stored = model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY]
+        torch.testing.assert_close(found.candidate_scores[:, column], feature_score(stored, own))
+    assert ((found.candidate_scores >= 0) & (found.candidate_scores <= 1)).all()
+    assert model.infer_task(x, threshold=1.01).tasks == [None] * 8
+
+
+def test_p_value_is_monotone_and_ranks_beyond_the_last_quantile() -> None:
+    quantiles = torch.linspace(-1, 1, QUANTILES)
+    scores = p_value(torch.tensor([-5.0, -1.0, 0.0, 1.0, 2.0, 50.0]), quantiles)
+    assert scores[0] == scores[1] == 1 and scores[2] == pytest.approx(0.5, abs=0.01)
+    assert scores[3] == pytest.approx(TAIL, rel=1e-5) and 0 < scores[5] < scores[4] < TAIL
+
+
+def test_sixteen_bit_text_is_exact_and_refuses_other_sizes() -> None:
+    values = torch.randn(3, 5).half().float()
+    assert torch.equal(decode16(encode16(values), (3, 5)), values)
+    for text in (encode16(values)[:-4], "!" * len(encode16(values)), 7):
+        with pytest.raises(ValueError):
+            decode16(text, (3, 5))  # type: ignore[arg-type]
+
+
+NAN16 = encode16(torch.tensor([[float("nan")] * 4]))
+# The first feature layer's fields of a calibrated task file, made hostile one at a time.
+BAD_FEATURES: dict[str, tuple[str, object]] = {
+    "features as text": ("", "near"),
+    "classes as bool": ("classes", True),
+    "no layers": ("layers", []),
+    "layer as list": ("layers.0", [1, 2]),
+    "layer name as number": ("layers.0.name", 3),
+    "dim of zero": ("layers.0.dim", 0),
+    "dim beyond the means": ("layers.0.dim", 4),  # refused as means of the wrong size
+    "means truncated": ("layers.0.means", "AAAA"),
+    "means not base64": ("layers.0.means", None),
+    "means with NaN": ("layers.0.means", NAN16),
+    "negative variance": ("layers.0.variances", [-1.0]),
+    "variance of NaN": ("layers.0.variances", [float("nan")]),
+    "base of zero": ("layers.0.base", 0),
+    "median as text": ("layers.0.median", "1"),
+    "quantiles out of order": ("quantiles", [1 - i / 100 for i in range(QUANTILES)]),
+    "quantiles of inf": ("quantiles", [float("inf")] * QUANTILES),
+    "quantiles too few": ("quantiles", [0.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FEATURES))
+def test_hostile_feature_statistics_are_refused_when_read(
+    model: PiggybackModel, tmp_path: Path, case: str
+) -> None:
+    calibrated(model)
+    path = model.save_task("a", tmp_path / "a.safetensors")
+    meta, tensors = read_task_file(path)
+    node: Any = meta["metadata"][CALIBRATION_KEY]
+    field, value = BAD_FEATURES[case]
+    keys = [FEATURES_KEY, *field.split(".")] if field else [FEATURES_KEY]
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
+    write_task_file(path, meta, tensors)
+    named = "means" if case == "dim beyond the means" else field.split(".")[-1] or FEATURES_KEY
+    with pytest.raises(TaskFileError, match=named):
+        read_task_file(path)
+    with pytest.raises(TaskFileError):
+        PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
+
+
+def test_feature_statistics_survive_the_task_file(model: PiggybackModel, tmp_path: Path) -> None:
+    calibrated(model)
+    x = torch.cat([domain(2.0, 3), domain(-2.0, 3)])
+    before = model.infer_task(x, threshold=0.0)
+    for task in ("a", "b"):
+        model.save_task(task, tmp_path / f"{task}.safetensors")
+    again = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    for task in ("a", "b"):
+        again.load_task(tmp_path / f"{task}.safetensors")
+    after = again.eval().infer_task(x, threshold=0.0)
+    assert after.tasks == before.tasks
+    torch.testing.assert_close(after.candidate_scores, before.candidate_scores, atol=2e-3, rtol=0)
+
+
 def test_token_inputs_as_keywords() -> None:
     class Tagger(nn.Module):
         def __init__(self) -> None:
@@ -110,6 +232,10 @@ def test_token_inputs_as_keywords() -> None:
     ids = torch.randint(0, 50, (5, 7))
     found = model.infer_task(input_ids=ids, rule="entropy", threshold=0.0)
     assert len(found.tasks) == 5 and found.logits["y"].shape == (5, 3)
+    for task in ("x", "y"):  # token features: pooled over positions
+        calibrate_task(model, task, [torch.randint(0, 50, (6, 7)) for _ in range(2)])
+    found = model.infer_task(input_ids=ids, threshold=0.0)
+    assert found.rule == "features" and None not in found.tasks
 
 
 def test_fit_stores_the_calibration_in_the_task_file(tmp_path: Path) -> None:
@@ -121,6 +247,8 @@ def test_fit_stores_the_calibration_in_the_task_file(tmp_path: Path) -> None:
     meta, _ = read_task_file(tmp_path / "digits.safetensors")
     record = meta["metadata"][CALIBRATION_KEY]
     assert len(record["quantiles"]) == QUANTILES and record["samples"] == 8
+    features = record[FEATURES_KEY]  # per class: fit's validation loader gives labels
+    assert features["classes"] == meta["num_classes"] and len(features["layers"]) >= 1
 
 
 def test_predict_infers_the_task_among_task_files(tmp_path: Path) -> None:
@@ -140,3 +268,8 @@ def test_predict_infers_the_task_among_task_files(tmp_path: Path) -> None:
     refused = run("predict", *flags, "1.5", str(images))
     assert refused.returncode == 0, refused.stderr
     assert all("no known task (closest " in line for line in refused.stdout.splitlines())
+    default = run("predict", "--tasks", files[0], "--tasks", files[1], str(images), "--json")
+    assert default.returncode == 0, default.stderr  # the features rule: fit stored its statistics
+    rows = json.loads(default.stdout)
+    assert len(rows) == 2 and all(r["task"] in ("left", "right", None) for r in rows)
+    assert all(0 <= r["score"] <= 1 for r in rows)

@@ -541,8 +541,9 @@ def _add_rule_flags(group: Any, prefix: str) -> None:
 
     group.add_argument(
         f"--{prefix}rule", default=DEFAULT_RULE, choices=RULES,
-        help="how a task scores an image: entropy (of its output) or calibrated (against "
-        "its validation images, as train stores them)",
+        help="how a task scores an image: features (how typical its activations are of "
+        "the task's validation images), entropy (of its output) or calibrated (that entropy "
+        "against the validation images'); train stores what features and calibrated need",
     )  # fmt: skip
     thresholds = ", ".join(f"{value} {rule}" for rule, value in DEFAULT_THRESHOLDS.items())
     group.add_argument(

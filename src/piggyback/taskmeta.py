@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from . import taskfeatures
 from .backbones import InputSpec
 from .bits import CODECS
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileError
-from .taskinfer import CALIBRATION_KEY, QUANTILES
+from .taskinfer import CALIBRATION_KEY, FEATURES_KEY, QUANTILES
 
 MAX_INPUT_SIZE = 2048  # pixels a side; a task trained above this is refused
 MAX_CLASSES = 100_000  # classes of one task's head (ImageNet-21k has 21,841)
@@ -30,6 +31,9 @@ MAX_MASK_WEIGHTS = 1 << 30  # masked weights: 1.07 billion, above ViT-H (632 mil
 MAX_LAYER_DIMS = 6
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 MASK_KINDS = ("binary", "ternary")
+MAX_FEATURE_LAYERS = 16  # layers whose feature statistics a task keeps
+MAX_FEATURE_DIM = 1 << 16  # channels of one such layer
+MAX_FEATURE_NUMBERS = 1 << 24  # 16-bit numbers of one layer's means or directions
 SPEC_KEY = "input_spec"  # where a task's metadata records the InputSpec it trained with
 # Set in a task's metadata when its backbone had random weights: built after seeding
 # torch with metadata["seed"], which is how eval and predict rebuild it.
@@ -162,6 +166,53 @@ def _check_calibration(value: Any, where: str) -> None:
     ordered = all(low <= high for low, high in itertools.pairwise(quantiles))
     _require(ordered, f"{where}.quantiles", "non-decreasing", quantiles)
     _integer(1, 1 << 62)(value.get("samples"), f"{where}.samples")
+    if FEATURES_KEY in value:
+        _check_features(value[FEATURES_KEY], f"{where}.{FEATURES_KEY}")
+
+
+def _check_features(value: Any, where: str) -> None:
+    """What `piggyback.taskfeatures.feature_record` stores: per layer, class means and
+    covariance directions as 16-bit base64 of the sizes declared, finite; positive
+    variances; the validation statistic's QUANTILES finite, non-decreasing points."""
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    _integer(1, MAX_CLASSES)(value.get("classes"), f"{where}.classes")
+    layers = value.get("layers")
+    ok = isinstance(layers, list) and 1 <= len(layers) <= MAX_FEATURE_LAYERS
+    _require(ok, f"{where}.layers", f"a list of 1 to {MAX_FEATURE_LAYERS} layers", layers)
+    for index, layer in enumerate(layers):
+        _check_feature_layer(layer, f"{where}.layers[{index}]", value["classes"])
+    quantiles = value.get("quantiles")
+    ok = isinstance(quantiles, list) and len(quantiles) == taskfeatures.QUANTILES
+    _require(ok, f"{where}.quantiles", f"a list of {taskfeatures.QUANTILES} numbers", quantiles)
+    for quantile in quantiles:
+        _number(-1e6, 1e6)(quantile, f"{where}.quantiles")
+    ordered = all(low <= high for low, high in itertools.pairwise(quantiles))
+    _require(ordered, f"{where}.quantiles", "non-decreasing", quantiles)
+
+
+def _check_feature_layer(value: Any, where: str, classes: int) -> None:
+    _require(isinstance(value, dict), where, "a JSON object", value)
+    _text(1024)(value.get("name"), f"{where}.name")
+    _integer(1, MAX_FEATURE_DIM)(value.get("dim"), f"{where}.dim")
+    variances = value.get("variances")
+    ok = isinstance(variances, list) and len(variances) <= MAX_FEATURE_DIM
+    _require(ok, f"{where}.variances", "a list of positive numbers", variances)
+    for key, numbers in (("variances", variances), ("base", [value.get("base")])):
+        for number in numbers:
+            _number(1e-30, 1e30)(number, f"{where}.{key}")
+    _number(1e-30, 1e30)(value.get("median"), f"{where}.median")
+    for key, rows in (("means", classes), ("components", len(variances))):
+        numbers = rows * value["dim"]
+        ok = numbers <= MAX_FEATURE_NUMBERS
+        _require(ok, f"{where}.{key}", f"at most {MAX_FEATURE_NUMBERS:,} numbers", numbers)
+        try:
+            tensor = taskfeatures.decode16(value.get(key), (rows, value["dim"]))
+        except ValueError as exc:
+            raise TaskFileError(
+                f"task file field {where + '.' + key!r} must be {rows} x {value['dim']} "
+                f"16-bit numbers in base64 ({exc})"
+            ) from None
+        _require(bool(tensor.isfinite().all()), f"{where}.{key}", "finite numbers", "inf/NaN")
 
 
 def _check_spec(value: Any, where: str) -> None:

@@ -40,7 +40,7 @@ from ..store import (
     task_files,
     write_atomic,
 )
-from ..taskinfer import CALIBRATION_KEY, DEFAULT_THRESHOLDS
+from ..taskinfer import DEFAULT_THRESHOLDS, supported_rules
 from .batcher import Job
 from .inputs import to_batch
 
@@ -62,7 +62,7 @@ class TaskEntry:
     class_names: list[str] | None
     spec: InputSpec
     mask: dict[str, Any]
-    calibrated: bool = False  # carries what task inference's "calibrated" rule needs
+    rules: tuple[str, ...] = ("entropy",)  # task inference's rules its file can be scored by
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,7 +75,8 @@ class TaskEntry:
             "mask_kind": self.mask.get("kind"),
             "kept": self.mask.get("kept"),
             "input_size": self.spec.size,
-            "calibrated": self.calibrated,
+            "calibrated": "calibrated" in self.rules,
+            "inference_rules": list(self.rules),
         }
 
 
@@ -280,7 +281,7 @@ class TaskRegistry:
         Images are decoded once per input spec the tasks use, outside the model lock; the
         scores of tasks of different specs compare, each being the task's own measure.
         """
-        entries = [e for e in self.entries() if rule != "calibrated" or e.calibrated]
+        entries = [e for e in self.entries() if rule in e.rules]
         if not entries:
             raise ConfigError(
                 f"no served task can infer with rule {rule!r} (tasks saved by `fit` carry "
@@ -341,7 +342,7 @@ class TaskRegistry:
             class_names=prepared.class_names,
             spec=spec,
             mask={k: v for k, v in meta["mask"].items() if k != "layers"},
-            calibrated=CALIBRATION_KEY in (meta.get("metadata") or {}),
+            rules=supported_rules(meta.get("metadata") or {}),
         )
         return prepared, entry
 
