@@ -42,7 +42,7 @@ class MaskBank(nn.Module):
     def __init__(self, numels: Sequence[int]) -> None:
         super().__init__()
         self.numel = sum(numels)
-        self.bits = _BufferDict()
+        self.bits = BufferDict()
         self.kinds: dict[str, MaskKind] = {}
 
     def __contains__(self, task: str) -> bool:
@@ -137,7 +137,7 @@ def _numpy_select(weight: torch.Tensor, out: torch.Tensor | None) -> bool:
     )
 
 
-class _BufferDict(nn.Module):
+class BufferDict(nn.Module):
     """Tensors keyed by task name, moved with the module and kept in its state_dict."""
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
