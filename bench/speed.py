@@ -359,9 +359,14 @@ def mixed_batch(
 
 def bytes_by_task(model: PiggybackModel, tasks: set[str]) -> dict[str, int]:
     """Bytes of every tensor in the model's state that belongs to one of `tasks` (its
-    masks, head and norm layers), whatever the layout that holds them."""
+    masks, head and norm layers), whatever the layout that holds them; each tensor once
+    (the state_dict has a task's head twice: as the model's `head` and in the backbone)."""
     held = dict.fromkeys(tasks, 0)
+    seen: set[int] = set()
     for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
         for part in tasks.intersection(key.split(".")):
             held[part] += value.numel() * value.element_size()
     return held
