@@ -81,33 +81,39 @@ def run(model: PiggybackModel, task: str, x: torch.Tensor) -> torch.Tensor:
         return model.set_task(task)(x)
 
 
-@pytest.mark.parametrize("net", list(NETS))
-def test_a_loaded_or_frozen_tasks_norms_are_values_in_the_bank(
-    net: str, tmp_path: Path, images: torch.Tensor
-) -> None:
-    trained, paths = task_files(net, tmp_path, images)
+Trained = tuple[str, PiggybackModel, dict]
+
+
+@pytest.fixture(params=list(NETS))
+def trained(request: pytest.FixtureRequest, tmp_path: Path, images: torch.Tensor) -> Trained:
+    """(the net's name, the model that trained and froze tasks a and b, their files)"""
+    return (request.param, *task_files(request.param, tmp_path, images))
+
+
+def test_a_loaded_or_frozen_tasks_norms_are_values_in_the_bank(trained: Trained) -> None:
+    net, trained_model, paths = trained
     model = loaded(net, paths)
-    for holder in (trained, model):
+    for holder in (trained_model, model):
         for norm in holder.norms.values():
             assert not norm.norms._modules and sorted(norm.norms) == ["a", "b"]
         assert holder.norm_bank.tasks == ["a", "b"]
     assert loaded(net, paths, modules=True).norm_bank.tasks == []
 
 
-@pytest.mark.parametrize("net", list(NETS))
 def test_outputs_equal_the_module_path_bit_for_bit_in_eval_and_train_mode(
-    net: str, tmp_path: Path, images: torch.Tensor
+    trained: Trained, images: torch.Tensor
 ) -> None:
-    _, paths = task_files(net, tmp_path, images)
+    net, _, paths = trained
     banked, modules = loaded(net, paths), loaded(net, paths, modules=True)
     for task in ("a", "b", "a"):
         assert same_bits(run(banked, task, images), run(modules, task, images)), task
         assert same_bits(run(banked, task, images), banked.bake(task)(images).detach())
+    outputs = []
     for model in (banked, modules):  # batch statistics, and running ones updated in place
         model.train()
-        model.outputs = [run(model, task, images[i:]) for i, task in enumerate("abba")]
+        outputs.append([run(model, task, images[i:]) for i, task in enumerate("abba")])
         model.eval()
-    assert all(map(same_bits, banked.outputs, modules.outputs))
+    assert all(map(same_bits, *outputs))
     for task in ("a", "b"):
         assert same_bits(run(banked, task, images), run(modules, task, images)), task
         for layer, norm in banked.norms.items():
@@ -115,11 +121,10 @@ def test_outputs_equal_the_module_path_bit_for_bit_in_eval_and_train_mode(
             assert all(torch.equal(v, theirs[k]) for k, v in norm.norms[task].state_dict().items())
 
 
-@pytest.mark.parametrize("net", list(NETS))
 def test_a_mixed_batch_equals_the_per_task_loop_bit_for_bit(
-    net: str, tmp_path: Path, images: torch.Tensor
+    trained: Trained, images: torch.Tensor
 ) -> None:
-    _, paths = task_files(net, tmp_path, images)
+    net, _, paths = trained
     model = loaded(net, paths)
     names = ["b", "a", "a", "b", "a", "b"]
     with torch.no_grad():
