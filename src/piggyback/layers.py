@@ -275,7 +275,7 @@ class TaskNorm(TaskModule):
         self.__dict__["bank"] = None  # the model's, set by `attach`; not a submodule
         self.index = 0
         self.__dict__["_runner"] = None  # the spare copy that runs frozen tasks
-        self.__dict__["_bound"] = None  # (task, its flat tensors) the runner holds views of
+        self.__dict__["_bound"] = None  # (task, the bank's views) the runner holds
 
     def attach(self, bank: NormBank, index: int) -> None:
         """Read frozen tasks' values from `bank`, as its `index`-th layer."""
@@ -324,7 +324,7 @@ class TaskNorm(TaskModule):
         if not (task is not None and self.is_banked(task)):
             return copy.deepcopy(self.layer_for(task))
         views = self.bank.views(task, self.index)
-        copied = copy_holding(self.base_layer, {k: v.clone() for k, v in views.items()})
+        copied = copy_holding(self.base_layer, {k: v.detach().clone() for k, v in views.items()})
         return copied.requires_grad_(True).train(self.training)
 
     def layer_for(self, task: str | None) -> nn.Module:
@@ -337,18 +337,13 @@ class TaskNorm(TaskModule):
 
     def _runner_for(self, task: str) -> nn.Module:
         """The spare copy holding views of `task`'s values (made once, then rebound)."""
-        flats = self.bank.flat(task)
-        bound = self._bound
+        views = self.bank.views(task, self.index)
         if self._runner is None:
             self.__dict__["_runner"] = copy_leaf(self.base_layer)
-            bound = None
-        if (
-            bound is None
-            or bound[0] != task
-            or any(a is not b for a, b in zip(bound[1], flats, strict=True))
-        ):
-            bind(self._runner, self.bank.views(task, self.index))
-            self.__dict__["_bound"] = (task, flats)
+            self.__dict__["_bound"] = None
+        if self._bound is None or self._bound[1] is not views:
+            bind(self._runner, views)
+            self.__dict__["_bound"] = (task, views)
         if self._runner.training != self.training:
             self._runner.train(self.training)
         return self._runner
@@ -465,14 +460,16 @@ def new_head(base: nn.Module, num_classes: int) -> nn.Module:
 
 def bind(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Make `tensors` (by state_dict key) `module`'s own as they are, views included: no
-    copy. Parameters stay Parameters (not trained: frozen tasks' values)."""
+    copy. A plain tensor in place of a parameter becomes one, not trained."""
     for key, tensor in tensors.items():
         path, _, name = key.rpartition(".")
-        owner = module.get_submodule(path)
-        if name in owner._parameters:
-            owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-        else:
+        owner = module.get_submodule(path) if path else module
+        if name not in owner._parameters:
             owner._buffers[name] = tensor
+        elif isinstance(tensor, nn.Parameter):
+            owner._parameters[name] = tensor
+        else:
+            owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
 
 def copy_holding(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -12,9 +12,10 @@ the bank.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import is_not
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,12 +30,9 @@ class Slot:
 
     key: str  # the state_dict key in the layer ("weight", "running_mean"...)
     group: int  # which flat tensor: one per dtype the backbone's layers hold
-    start: int
+    position: int  # the how-many-th tensor of its group, all layers in order
     shape: torch.Size
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    parameter: bool  # a Parameter of the layer (else a buffer)
 
 
 class NormBank(nn.Module):
@@ -44,7 +42,7 @@ class NormBank(nn.Module):
     Example:
         >>> bank = NormBank([nn.BatchNorm2d(2), nn.LayerNorm(3)])
         >>> bank.store("a", [{"weight": torch.full((2,), 3.0)}, {}])
-        >>> bank.views("a", 0)["weight"], bank.views("a", 1)["bias"]
+        >>> bank.views("a", 0)["weight"].data, bank.views("a", 1)["bias"].data
         (tensor([3., 3.]), tensor([0., 0., 0.]))
     """
 
@@ -52,23 +50,26 @@ class NormBank(nn.Module):
         super().__init__()
         self.__dict__["layers"] = list(layers)  # the backbone's own layers: not submodules
         dtypes: list[torch.dtype] = []
-        sizes: list[int] = []
+        self.numels: list[list[int]] = []  # per group, its tensors' sizes in order
         self.slots: list[list[Slot]] = []
         for layer in layers:
+            parameters = dict(layer.named_parameters())
             slots = []
             for key, tensor in layer.state_dict().items():
                 if tensor.dtype not in dtypes:
                     dtypes.append(tensor.dtype)
-                    sizes.append(0)
+                    self.numels.append([])
                 group = dtypes.index(tensor.dtype)
-                slots.append(Slot(key, group, sizes[group], tensor.shape))
-                sizes[group] += tensor.numel()
+                position = len(self.numels[group])
+                slots.append(Slot(key, group, position, tensor.shape, key in parameters))
+                self.numels[group].append(tensor.numel())
             self.slots.append(slots)
         self.groups = len(dtypes)
         self.flats = nn.ModuleDict()
+        self.__dict__["_views"] = None  # (task, its flat tensors, every layer's views)
 
     def __contains__(self, task: str) -> bool:
-        return task in self.flats
+        return task in self.flats._modules
 
     @property
     def tasks(self) -> list[str]:
@@ -98,18 +99,37 @@ class NormBank(nn.Module):
     def remove(self, task: str) -> None:
         if task in self.flats:
             del self.flats[task]
+        if self._views is not None and self._views[0] == task:
+            self.__dict__["_views"] = None
 
     def flat(self, task: str) -> tuple[torch.Tensor, ...]:
-        """`task`'s flat tensors, one per group (what a cache of its views is keyed by)."""
-        if task not in self.flats:
+        """`task`'s flat tensors, one per group."""
+        flats = self.flats._modules.get(task)
+        if flats is None:
             raise UnknownTaskError(f"no stored norm layers for task {task!r}; stored: {self.tasks}")
-        flats = self.flats[task]
-        return tuple(flats[str(group)] for group in range(self.groups))
+        return tuple(flats._buffers.values())
 
     def views(self, task: str, index: int) -> dict[str, torch.Tensor]:
-        """The `index`-th layer's state for `task`, as views of the task's flat tensors."""
-        flats = self.flat(task)
-        return {
-            slot.key: flats[slot.group][slot.start : slot.start + slot.numel].view(slot.shape)
-            for slot in self.slots[index]
-        }
+        """The `index`-th layer's state for `task` as views of the task's flat tensors
+        (Parameters where the layer has them, not trained). Every layer's are made at
+        once, one split per flat tensor, and kept for the last task asked: the same
+        dict while that lasts, so a caller can tell that nothing changed."""
+        flats, cached = self.flat(task), self._views
+        if cached is None or cached[0] != task or any(map(is_not, cached[1], flats)):
+            pieces = [flat.split(numels) for flat, numels in zip(flats, self.numels, strict=True)]
+            layers = [
+                {s.key: _shaped(pieces[s.group][s.position], s) for s in slots}
+                for slots in self.slots
+            ]
+            cached = self.__dict__["_views"] = (task, flats, layers)
+        return cached[2][index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_views"] = None  # made again on demand
+        return state
+
+
+def _shaped(piece: torch.Tensor, slot: Slot) -> torch.Tensor:
+    tensor = piece.view(slot.shape) if piece.shape != slot.shape else piece
+    return nn.Parameter(tensor, requires_grad=False) if slot.parameter else tensor
