@@ -95,7 +95,8 @@ def test_a_loaded_or_frozen_tasks_norms_are_values_in_the_bank(trained: Trained)
     model = loaded(net, paths)
     for holder in (trained_model, model):
         for norm in holder.norms.values():
-            assert not norm.norms._modules and sorted(norm.norms) == ["a", "b"]
+            assert norm.own_module("a") is norm.own_module("b") is None
+            assert sorted(norm.norms) == ["a", "b"]
         assert holder.norm_bank.tasks == ["a", "b"]
     assert loaded(net, paths, modules=True).norm_bank.tasks == []
 
@@ -166,7 +167,7 @@ def test_train_freeze_then_go_on_training_and_freeze_again(
     assert same_bits(run(trained, "a", images), run(fresh, "a", images))  # as its file
     before_b = run(trained, "b", images)
     train_steps(trained, "a", images)  # its head and norms: modules of their own again
-    assert all("a" in norm.norms._modules for norm in trained.norms.values())
+    assert all(norm.own_module("a") is not None for norm in trained.norms.values())
     assert "a" not in trained.norm_bank
     assert not same_bits(run(trained, "a", images), run(fresh, "a", images))
     trained.freeze_task("a")

@@ -286,6 +286,10 @@ class TaskNorm(TaskModule):
         """Whether `task`'s values are in the bank (it has no module of its own)."""
         return self.bank is not None and task in self.bank and task not in self.norms._modules
 
+    def own_module(self, task: str) -> nn.Module | None:
+        """The module of its own that a training `task` has (None for a frozen task)."""
+        return self.norms._modules.get(task)
+
     def add_task(self, task: str) -> None:
         norm = copy_leaf(self.base_layer)
         norm.requires_grad_(True)
@@ -330,7 +334,7 @@ class TaskNorm(TaskModule):
     def layer_for(self, task: str | None) -> nn.Module:
         if task is None:
             return self.base_layer
-        own = self.norms._modules.get(task)
+        own = self.own_module(task)
         if own is not None:
             return own
         return self._runner_for(task) if self.is_banked(task) else self.base_layer

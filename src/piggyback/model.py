@@ -292,7 +292,7 @@ class PiggybackModel(nn.Module):
             self._store(name, masks, self.mask_kind(name))
         for norm in self.norms.values():
             norm.freeze_task(name)
-        owns = [norm.norms._modules.get(name) for norm in self.norms.values()]
+        owns = [norm.own_module(name) for norm in self.norms.values()]
         if owns and all(own is not None for own in owns):
             self.norm_bank.store(name, [own.state_dict() for own in owns])
             for norm in self.norms.values():
