@@ -274,6 +274,14 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
         turn[0] = "switch_b" if turn[0] == "switch_a" else "switch_a"
         derive_all(model, turn[0])
 
+    def switch_one_thread() -> None:  # what the CPU's threads bring to the switch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            switch()
+        finally:
+            torch.set_num_threads(threads)
+
     def floor() -> None:
         for target, weight in zip(targets, weights, strict=True):
             target.copy_(weight)
@@ -285,6 +293,7 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
     fns = {"switch": switch, "floor": floor}
     if device.type == "cpu":
         fns["floor_numpy"] = floor_numpy
+        fns["switch_one_thread"] = switch_one_thread
     times = interleaved_seconds(fns, device, 2 * args.repeat + 1)
     times["floor"] = min(times["floor"], times.get("floor_numpy", times["floor"]))
     for task in ("switch_a", "switch_b"):
@@ -293,6 +302,11 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
         "switch_ms": 1000 * times["switch"],
         "write_floor_ms": 1000 * times["floor"],
         "switch_floor_ratio": times["switch"] / times["floor"],
+        **(
+            {"switch_one_thread_floor_ratio": times["switch_one_thread"] / times["floor"]}
+            if "switch_one_thread" in times
+            else {}
+        ),
     }
 
 
@@ -499,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         ],
         "tasks": [
             "model", "task_file_kb", "read_ms", "load_ms", "file_to_ready_ms", "switch_ms",
-            "write_floor_ms", "switch_floor_ratio", "mixed8_ratio",
+            "write_floor_ms", "switch_floor_ratio", "switch_one_thread_floor_ratio",
+            "mixed8_ratio",
         ],
         "resident tasks": [
             "model", "backbone_mb", *resident, f"tasks{args.resident[-1]}_rss_budget_ratio",
