@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import math
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,13 @@ def train_step_fn(
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def release_free_memory() -> None:
+    """Hand the memory that malloc holds free back to the system (glibc), so that the
+    resident set grows with what is allocated next."""
+    with suppress(OSError, AttributeError):  # not glibc: the growth may read low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> None:
@@ -266,6 +274,14 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
         turn[0] = "switch_b" if turn[0] == "switch_a" else "switch_a"
         derive_all(model, turn[0])
 
+    def switch_one_thread() -> None:  # what the CPU's threads bring to the switch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            switch()
+        finally:
+            torch.set_num_threads(threads)
+
     def floor() -> None:
         for target, weight in zip(targets, weights, strict=True):
             target.copy_(weight)
@@ -277,6 +293,7 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
     fns = {"switch": switch, "floor": floor}
     if device.type == "cpu":
         fns["floor_numpy"] = floor_numpy
+        fns["switch_one_thread"] = switch_one_thread
     times = interleaved_seconds(fns, device, 2 * args.repeat + 1)
     times["floor"] = min(times["floor"], times.get("floor_numpy", times["floor"]))
     for task in ("switch_a", "switch_b"):
@@ -285,6 +302,11 @@ def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: An
         "switch_ms": 1000 * times["switch"],
         "write_floor_ms": 1000 * times["floor"],
         "switch_floor_ratio": times["switch"] / times["floor"],
+        **(
+            {"switch_one_thread_floor_ratio": times["switch_one_thread"] / times["floor"]}
+            if "switch_one_thread" in times
+            else {}
+        ),
     }
 
 
@@ -359,9 +381,14 @@ def mixed_batch(
 
 def bytes_by_task(model: PiggybackModel, tasks: set[str]) -> dict[str, int]:
     """Bytes of every tensor in the model's state that belongs to one of `tasks` (its
-    masks, head and norm layers), whatever the layout that holds them."""
+    masks, head and norm layers), whatever the layout that holds them; each tensor once
+    (the state_dict has a task's head twice: as the model's `head` and in the backbone)."""
     held = dict.fromkeys(tasks, 0)
+    seen: set[int] = set()
     for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
         for part in tasks.intersection(key.split(".")):
             held[part] += value.numel() * value.element_size()
     return held
@@ -384,6 +411,7 @@ def resident_memory(
         path = model.save_task("resident", Path(tmp) / "resident.safetensors")
         model.remove_task("resident")
         gc.collect()
+        release_free_memory()  # else the tasks fill what the parts before freed, unseen
         before, added = rss_bytes(), 0
         for count in sorted(counts):
             while added < count:
@@ -485,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         ],
         "tasks": [
             "model", "task_file_kb", "read_ms", "load_ms", "file_to_ready_ms", "switch_ms",
-            "write_floor_ms", "switch_floor_ratio", "mixed8_ratio",
+            "write_floor_ms", "switch_floor_ratio", "switch_one_thread_floor_ratio",
+            "mixed8_ratio",
         ],
         "resident tasks": [
             "model", "backbone_mb", *resident, f"tasks{args.resident[-1]}_rss_budget_ratio",

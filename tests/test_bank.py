@@ -52,7 +52,7 @@ SHAPES = [(3, 5), (7,), (2, 3, 3, 3), (1,), (2**18 + 9,), (4, 9)]  # unaligned s
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("path", ["numpy", "torch", "flat", "out"])
+@pytest.mark.parametrize("path", ["numpy", "threads", "torch", "flat", "out"])
 def test_masked_weights_equal_the_old_path_bit_for_bit(
     kind: str, dtype: torch.dtype, path: str
 ) -> None:
@@ -68,7 +68,12 @@ def test_masked_weights_equal_the_old_path_bit_for_bit(
         expected = old_masked_weight(weight, mask, kind)
         keep = keep_all[start : start + weight.numel()] if path == "flat" else None
         out = torch.full_like(weight, 7.0) if path == "out" else None
-        got = masked_into(weight, bank, "t", start, out, keep)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3 if path == "threads" else 1)  # chunks split over threads
+        try:
+            got = masked_into(weight, bank, "t", start, out, keep)
+        finally:
+            torch.set_num_threads(threads)
         assert same_bits(got.contiguous(), expected.contiguous())
         assert out is None or got is out
         assert torch.equal(bank.values("t", start, weight.numel(), torch.int8), mask.flatten())

@@ -5,14 +5,18 @@ over every masked layer in the model's order: the layout of a task file's mask, 
 loaded task is its decoded bits, kept as they are. A layer's mask is the slice of bits
 from its `start`. Deriving a layer's masked weight reads its bits where they live (no
 host round trip) and never makes a float mask: on the CPU the weight's bits are
-multiplied as integers by the unpacked 0/1 bytes; elsewhere `torch.where` selects with
+multiplied as integers by the unpacked 0/1 bytes, a large layer's values split over
+torch's CPU threads; elsewhere `torch.where` selects with
 the bytes viewed as bool, after one unpack of the whole task for every layer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from .errors import ConfigError, UnknownTaskError
 # exactly what torch.where(keep, weight, 0) gives.
 _INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK = 1 << 18  # values unpacked at a time on the CPU: 256 KB of 0/1 bytes, in L2
+_MIN_PART = 1 << 16  # the fewest values worth handing to another thread (~0.1 ms of work)
 
 
 class MaskBank(nn.Module):
@@ -42,7 +47,7 @@ class MaskBank(nn.Module):
     def __init__(self, numels: Sequence[int]) -> None:
         super().__init__()
         self.numel = sum(numels)
-        self.bits = _BufferDict()
+        self.bits = BufferDict()
         self.kinds: dict[str, MaskKind] = {}
 
     def __contains__(self, task: str) -> bool:
@@ -115,15 +120,48 @@ def masked_into(
         source = weight.detach().view(as_int).numpy().reshape(-1)
         written = target.view(as_int).numpy().reshape(-1)
         packed = bank.packed(task)
-        for begin in range(0, numel, _CHUNK):  # each chunk's 0/1 bytes stay in cache
-            end = min(begin + _CHUNK, numel)
-            codes = unpack_codes(packed, end - begin, "binary", start + begin).numpy()
-            np.multiply(source[begin:end], codes, out=written[begin:end])
+
+        def select(first: int, last: int) -> None:
+            for begin in range(first, last, _CHUNK):  # each chunk's 0/1 bytes stay in cache
+                end = min(begin + _CHUNK, last)
+                codes = unpack_codes(packed, end - begin, "binary", start + begin).numpy()
+                np.multiply(source[begin:end], codes, out=written[begin:end])
+
+        _on_threads(select, numel)
         return target
     if keep is None:
         keep = bank.values(task, start, numel, torch.bool)
     zero = weight.new_zeros(())
     return torch.where(keep.view(weight.shape), weight, zero, out=out)
+
+
+def _on_threads(work: Callable[[int, int], None], numel: int) -> None:
+    """`work(first, last)` over values 0 to `numel`, in equal parts over torch's CPU
+    threads (this one and a pool's; numpy's unpack and multiply let go of the GIL). Each
+    value is written by one thread alone: the result is the same on any number of them."""
+    threads = min(torch.get_num_threads(), numel // _MIN_PART)
+    if threads < 2:
+        work(0, numel)
+        return
+    first, *others = pairwise(numel * part // threads for part in range(threads + 1))
+    pending = [_pool(threads - 1).submit(work, *part) for part in others]
+    try:
+        work(*first)
+    finally:
+        for done in pending:
+            done.result()
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads for this process (a forked child makes its own: the
+    parent's threads are not in it)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="piggyback-derive")
+    return _POOLS[key]
 
 
 def _numpy_select(weight: torch.Tensor, out: torch.Tensor | None) -> bool:
@@ -137,7 +175,7 @@ def _numpy_select(weight: torch.Tensor, out: torch.Tensor | None) -> bool:
     )
 
 
-class _BufferDict(nn.Module):
+class BufferDict(nn.Module):
     """Tensors keyed by task name, moved with the module and kept in its state_dict."""
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -21,6 +22,7 @@ from .bits import MaskKind
 from .config import MaskConfig
 from .errors import ConfigError, UnknownTaskError
 from .functional import MASK_KINDS, init_scores, threshold_scores
+from .normbank import NormBank
 
 # The parameter each maskable type multiplies by its mask. nn.MultiheadAttention keeps its
 # input projection as a parameter of its own (its out_proj is a Linear, masked as one).
@@ -259,13 +261,34 @@ def masked_parameter(module: nn.Module) -> str:
 class TaskNorm(TaskModule):
     """A normalisation layer with optional per-task copies; the original stays frozen.
 
-    The original always runs in eval mode (running statistics never change); a
-    task that has its own copy trains it like any norm layer.
+    The original always runs in eval mode (running statistics never change). A task
+    that is training has a module of its own, trained like any norm layer; a frozen
+    task (loaded, or after `PiggybackModel.freeze_task`) keeps its values in the
+    model's `NormBank`, and runs one spare copy of the original whose tensors are
+    views of them (a switch between such tasks swaps views, copies nothing).
+    `norms[task]` gives either.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.norms = nn.ModuleDict()
+        self.norms = TaskNorms(self)
+        self.__dict__["bank"] = None  # the model's, set by `attach`; not a submodule
+        self.index = 0
+        self.__dict__["_runner"] = None  # the spare copy that runs frozen tasks
+        self.__dict__["_bound"] = None  # (task, the bank's views) the runner holds
+
+    def attach(self, bank: NormBank, index: int) -> None:
+        """Read frozen tasks' values from `bank`, as its `index`-th layer."""
+        self.__dict__["bank"] = bank
+        self.index = index
+
+    def is_banked(self, task: str) -> bool:
+        """Whether `task`'s values are in the bank (it has no module of its own)."""
+        return self.bank is not None and task in self.bank and task not in self.norms._modules
+
+    def own_module(self, task: str) -> nn.Module | None:
+        """The module of its own that a training `task` has (None for a frozen task)."""
+        return self.norms._modules.get(task)
 
     def add_task(self, task: str) -> None:
         norm = copy_leaf(self.base_layer)
@@ -274,8 +297,20 @@ class TaskNorm(TaskModule):
         self.norms[task] = norm
 
     def remove_task(self, task: str) -> None:
-        if task in self.norms:
-            del self.norms[task]
+        self.norms._modules.pop(task, None)
+        self._unbind(task)
+
+    def thaw(self, task: str) -> None:
+        """Give a banked `task` a trainable module of its own (its bank entry is then stale:
+        the model removes it)."""
+        if self.is_banked(task):
+            self.norms[task] = self.own_copy(task)
+            self._unbind(task)
+
+    def _unbind(self, task: str) -> None:
+        """Let the runner drop its views of `task` (they would keep its values alive)."""
+        if self._bound is not None and self._bound[0] == task:
+            self.__dict__["_runner"] = self.__dict__["_bound"] = None
 
     def freeze_task(self, task: str) -> None:
         """Round the task's own floating-point tensors to NORM_DTYPE, the precision task
@@ -284,12 +319,38 @@ class TaskNorm(TaskModule):
         if task in self.norms:
             base = self.base_layer.state_dict()
             with torch.no_grad():
-                for key, value in self.norms[task].state_dict().items():
+                for key, value in self.layer_for(task).state_dict().items():
                     if value.is_floating_point() and not torch.equal(value, base[key]):
                         value.copy_(value.to(NORM_DTYPE))
 
+    def own_copy(self, task: str | None) -> nn.Module:
+        """The layer `task` runs as a module with tensors of its own (a trainable copy)."""
+        if not (task is not None and self.is_banked(task)):
+            return copy.deepcopy(self.layer_for(task))
+        views = self.bank.views(task, self.index)
+        copied = copy_holding(self.base_layer, {k: v.detach().clone() for k, v in views.items()})
+        return copied.requires_grad_(True).train(self.training)
+
     def layer_for(self, task: str | None) -> nn.Module:
-        return self.norms[task] if task is not None and task in self.norms else self.base_layer
+        if task is None:
+            return self.base_layer
+        own = self.own_module(task)
+        if own is not None:
+            return own
+        return self._runner_for(task) if self.is_banked(task) else self.base_layer
+
+    def _runner_for(self, task: str) -> nn.Module:
+        """The spare copy holding views of `task`'s values (made once, then rebound)."""
+        views = self.bank.views(task, self.index)
+        if self._runner is None:
+            self.__dict__["_runner"] = copy_leaf(self.base_layer)
+            self.__dict__["_bound"] = None
+        if self._bound is None or self._bound[1] is not views:
+            bind(self._runner, views)
+            self.__dict__["_bound"] = (task, views)
+        if self._runner.training != self.training:
+            self._runner.train(self.training)
+        return self._runner
 
     def current_layer(self) -> nn.Module:
         return self.layer_for(self.active_task)
@@ -299,8 +360,60 @@ class TaskNorm(TaskModule):
         self.base_layer.eval()
         return self
 
+    def _apply(self, fn: Any, recurse: bool = True) -> TaskNorm:
+        """As nn.Module's (`.to`, `.half`...): the runner, no submodule, is made afresh
+        from the moved backbone layer when next needed."""
+        self.__dict__["_runner"] = self.__dict__["_bound"] = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_runner"] = state["_bound"] = None  # views of the bank: remade on demand
+        return state
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.layer_for(self.active_task)(*args, **kwargs)
+
+
+class TaskNorms(nn.ModuleDict):
+    """Task -> that task's own norm layer: training tasks' modules (submodules, as in
+    any ModuleDict: what optimizers and the state_dict hold), then frozen tasks' layers,
+    which the owner's `NormBank` holds (reading one gives a copy of the backbone's
+    layer whose tensors are views of the bank's: a write goes there)."""
+
+    def __init__(self, owner: TaskNorm) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a submodule: the owner holds this dict
+
+    def _banked(self) -> list[str]:
+        bank = self.owner.bank
+        return [] if bank is None else [t for t in bank.tasks if t not in self._modules]
+
+    def __getitem__(self, task: str) -> nn.Module:  # type: ignore[override]
+        if task in self._modules:
+            return self._modules[task]
+        if self.owner.is_banked(task):
+            views = self.owner.bank.views(task, self.owner.index)
+            return copy_holding(self.owner.base_layer, views).train(self.owner.training)
+        raise KeyError(task)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._modules or (isinstance(task, str) and self.owner.is_banked(task))
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return [*self._modules, *self._banked()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._modules) + len(self._banked())
+
+    def items(self) -> list[tuple[str, nn.Module]]:  # type: ignore[override]
+        return [(task, self[task]) for task in self.keys()]
+
+    def values(self) -> list[nn.Module]:  # type: ignore[override]
+        return [self[task] for task in self.keys()]
 
 
 class TaskHead(TaskModule):
@@ -347,6 +460,27 @@ def new_head(base: nn.Module, num_classes: int) -> nn.Module:
         bias=bias,
         **factory,
     )
+
+
+def bind(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make `tensors` (by state_dict key) `module`'s own as they are, views included: no
+    copy. A plain tensor in place of a parameter becomes one, not trained."""
+    for key, tensor in tensors.items():
+        path, _, name = key.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        if name not in owner._parameters:
+            owner._buffers[name] = tensor
+        elif isinstance(tensor, nn.Parameter):
+            owner._parameters[name] = tensor
+        else:
+            owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def copy_holding(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of `module` (as `copy_leaf`) that holds `tensors` (see `bind`)."""
+    copied = copy_leaf(module)
+    bind(copied, tensors)
+    return copied
 
 
 def copy_leaf(module: nn.Module) -> nn.Module:

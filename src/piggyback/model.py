@@ -18,6 +18,7 @@ from .config import MaskConfig
 from .errors import ConfigError, TaskFileNotFoundError, UnknownTaskError
 from .layers import NORM_TYPES, MaskedLayer, TaskHead, TaskModule, TaskNorm
 from .mixed import assemble, batch_size, first_tensor, logits_of, slice_rows, take_rows
+from .normbank import NormBank
 from .store import (
     SUFFIX,
     ModelShape,
@@ -150,6 +151,9 @@ class PiggybackModel(nn.Module):
             if isinstance(module, NORM_TYPES) and not name.startswith(self.head_name + "."):
                 self.norms[name] = replace_module(backbone, name, TaskNorm(module))
         self.head: TaskHead = replace_module(backbone, self.head_name, head)
+        self.norm_bank = NormBank([norm.base_layer for norm in self.norms.values()])
+        for index, norm in enumerate(self.norms.values()):
+            norm.attach(self.norm_bank, index)
         self.backbone = backbone
         self.task_info: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
@@ -198,21 +202,35 @@ class PiggybackModel(nn.Module):
 
         self._add(name, TaskInfo(num_classes, names, train_bn, metadata), masked_layers_take_it)
 
-    def _add(self, name: str, info: TaskInfo, masked_layers_take_it: Callable[[], None]) -> None:
+    def _add(
+        self,
+        name: str,
+        info: TaskInfo,
+        masked_layers_take_it: Callable[[], None],
+        norms_take_them: Callable[[], None] | None = None,
+    ) -> None:
         """Every module takes the checked task `name`, or none does (a half-added task is
-        removed before the error goes on)."""
+        removed before the error goes on). Its own norm layers, when `info.train_bn`:
+        trainable copies of the backbone's, or what `norms_take_them` banks."""
         try:
             masked_layers_take_it()
             self.head.add_task(name, info.num_classes)
-            if info.train_bn:
+            if info.train_bn and norms_take_them is not None:
+                norms_take_them()
+            elif info.train_bn:
                 for norm in self.norms.values():
                     norm.add_task(name)
         except BaseException:
-            for module in self._task_modules():
-                module.remove_task(name)
-            self.bank.remove(name)
+            self._drop(name)
             raise
         self.task_info[name] = info
+
+    def _drop(self, name: str) -> None:
+        """Whatever any module or bank holds of `name`."""
+        for module in self._task_modules():
+            module.remove_task(name)
+        self.bank.remove(name)
+        self.norm_bank.remove(name)
 
     def check_new_task_name(self, name: str) -> None:
         """Raise ConfigError unless `name` is a valid name that no task has yet."""
@@ -257,16 +275,16 @@ class PiggybackModel(nn.Module):
 
     def remove_task(self, name: str) -> None:
         self._check_task(name)
-        for module in self._task_modules():
-            module.remove_task(name)
-        self.bank.remove(name)
+        self._drop(name)
         del self.task_info[name]
         if self.active_task == name:
             self.set_task(None)
 
     def freeze_task(self, name: str) -> None:
         """Turn a trained task into what its task file keeps: scores into packed masks
-        (1-2 bits per weight), its own norm layers rounded to 16 bits."""
+        (1-2 bits per weight), its own norm layers rounded to 16 bits and moved into the
+        model's `NormBank` (values, not modules: `trainable_parameters` makes them
+        modules again)."""
         self._check_task(name)
         if self.is_trainable(name):
             with torch.no_grad():
@@ -274,6 +292,11 @@ class PiggybackModel(nn.Module):
             self._store(name, masks, self.mask_kind(name))
         for norm in self.norms.values():
             norm.freeze_task(name)
+        owns = [norm.own_module(name) for norm in self.norms.values()]
+        if owns and all(own is not None for own in owns):
+            self.norm_bank.store(name, [own.state_dict() for own in owns])
+            for norm in self.norms.values():
+                norm.remove_task(name)
 
     def is_trainable(self, name: str) -> bool:
         self._check_task(name)
@@ -290,6 +313,9 @@ class PiggybackModel(nn.Module):
         if part in ("all", "head"):
             params += list(self.head.heads[task].parameters())
         if part in ("all", "norm"):
+            for norm in self.norms.values():
+                norm.thaw(task)  # a frozen task's norms train as modules of their own
+            self.norm_bank.remove(task)
             for norm in self.norms.values():
                 if task in norm.norms:
                     params += list(norm.norms[task].parameters())
@@ -424,8 +450,9 @@ class PiggybackModel(nn.Module):
         with torch.no_grad():
             for layer in reversed(self.masked_layers.values()):  # inner layers first
                 memo[id(layer)] = layer.baked(task, memo)
-        for module in (self.head, *self.norms.values()):
-            memo[id(module)] = copy.deepcopy(module.layer_for(task))
+        memo[id(self.head)] = copy.deepcopy(self.head.layer_for(task))
+        for norm in self.norms.values():
+            memo[id(norm)] = norm.own_copy(task)
         baked = copy.deepcopy(self.backbone, memo)
         baked.requires_grad_(True)
         return baked.eval()
@@ -503,14 +530,12 @@ class PiggybackModel(nn.Module):
             for layer in self.masked_layers.values():
                 layer.stored(task.name, task.mask_kind)
 
-        self._add(task.name, info, masked_layers_take_it)
+        def norms_take_them() -> None:  # what was not stored is the backbone's
+            self.norm_bank.store(task.name, [norms.get(layer, {}) for layer in self.norms])
+
+        self._add(task.name, info, masked_layers_take_it, norms_take_them)
         try:
             self.head.heads[task.name].load_state_dict(task.head)
-            for layer, state in norms.items():
-                own = self.norms[layer].norms[task.name]
-                full = own.state_dict()  # a copy of the backbone's layer: what was not stored
-                full.update({key: value.to(full[key].dtype) for key, value in state.items()})
-                own.load_state_dict(full)
         except BaseException:
             self.remove_task(task.name)
             raise
@@ -530,7 +555,7 @@ class PiggybackModel(nn.Module):
             f"{layer_name}.{key}": value
             for layer_name, norm in self.norms.items()
             if task in norm.norms
-            for key, value in changed_norm_tensors(norm.norms[task], norm.base_layer).items()
+            for key, value in changed_norm_tensors(norm.layer_for(task), norm.base_layer).items()
         }
         return PreparedTask(
             name=task,

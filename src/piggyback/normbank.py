@@ -1,0 +1,135 @@
+"""Frozen tasks' own norm layers as one flat tensor per task and dtype, not as modules.
+
+A task that no longer trains (loaded from a task file, or frozen at the end of `fit`)
+needs the values of its norm layers, not modules holding them: held as modules, the 49
+norm layers of an EfficientNet-Lite0 task (each with its activation and dropout
+children, and several small tensors) cost more memory than the task's masks. The bank
+keeps each such task's norm state as one flat tensor per dtype over every norm layer
+in the model's order, the same layout for every task; a layer's state is a set of
+views of it, so what a forward in training mode writes (running statistics) lands in
+the bank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from operator import is_not
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bank import BufferDict
+from .errors import ConfigError, UnknownTaskError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor of a norm layer's state lies in its task's flat tensors."""
+
+    key: str  # the state_dict key in the layer ("weight", "running_mean"...)
+    group: int  # which flat tensor: one per dtype the backbone's layers hold
+    position: int  # the how-many-th tensor of its group, all layers in order
+    shape: torch.Size
+    parameter: bool  # a Parameter of the layer (else a buffer)
+
+
+class NormBank(nn.Module):
+    """The norm state of frozen tasks, moved with the model and kept in its state_dict
+    as ``norm_bank.flats.TASK.GROUP``.
+
+    Example:
+        >>> bank = NormBank([nn.BatchNorm2d(2), nn.LayerNorm(3)])
+        >>> bank.store("a", [{"weight": torch.full((2,), 3.0)}, {}])
+        >>> bank.views("a", 0)["weight"].data, bank.views("a", 1)["bias"].data
+        (tensor([3., 3.]), tensor([0., 0., 0.]))
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.__dict__["layers"] = list(layers)  # the backbone's own layers: not submodules
+        dtypes: list[torch.dtype] = []
+        self.numels: list[list[int]] = []  # per group, its tensors' sizes in order
+        self.slots: list[list[Slot]] = []
+        for layer in layers:
+            parameters = dict(layer.named_parameters())
+            slots = []
+            for key, tensor in layer.state_dict().items():
+                if tensor.dtype not in dtypes:
+                    dtypes.append(tensor.dtype)
+                    self.numels.append([])
+                group = dtypes.index(tensor.dtype)
+                position = len(self.numels[group])
+                slots.append(Slot(key, group, position, tensor.shape, key in parameters))
+                self.numels[group].append(tensor.numel())
+            self.slots.append(slots)
+        self.groups = len(dtypes)
+        self.flats = nn.ModuleDict()
+        self.__dict__["_views"] = None  # (task, its flat tensors, every layer's views)
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.flats._modules
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.flats)
+
+    def store(self, task: str, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Keep `task`'s norm state: one state per layer, in order, each holding some of
+        its keys; the others are the backbone's. Values take the dtype and device of the
+        backbone's tensors, as `load_state_dict` into a copy of its layer would."""
+        parts: list[list[torch.Tensor]] = [[] for _ in range(self.groups)]
+        for layer, slots, state in zip(self.layers, self.slots, states, strict=True):
+            base = layer.state_dict()
+            for slot in slots:
+                like = base[slot.key]
+                value = state.get(slot.key, like).detach()
+                if value.shape != like.shape:
+                    raise ConfigError(
+                        f"norm tensor {slot.key!r} of shape {tuple(value.shape)} for a layer "
+                        f"whose {slot.key} is {tuple(like.shape)}"
+                    )
+                parts[slot.group].append(value.to(like.device, like.dtype).reshape(-1))
+        flats = BufferDict()
+        for group, tensors in enumerate(parts):
+            flats[str(group)] = torch.cat(tensors)
+        self.flats[task] = flats
+
+    def remove(self, task: str) -> None:
+        if task in self.flats:
+            del self.flats[task]
+        if self._views is not None and self._views[0] == task:
+            self.__dict__["_views"] = None
+
+    def flat(self, task: str) -> tuple[torch.Tensor, ...]:
+        """`task`'s flat tensors, one per group."""
+        flats = self.flats._modules.get(task)
+        if flats is None:
+            raise UnknownTaskError(f"no stored norm layers for task {task!r}; stored: {self.tasks}")
+        return tuple(flats._buffers.values())
+
+    def views(self, task: str, index: int) -> dict[str, torch.Tensor]:
+        """The `index`-th layer's state for `task` as views of the task's flat tensors
+        (Parameters where the layer has them, not trained). Every layer's are made at
+        once, one split per flat tensor, and kept for the last task asked: the same
+        dict while that lasts, so a caller can tell that nothing changed."""
+        flats, cached = self.flat(task), self._views
+        if cached is None or cached[0] != task or any(map(is_not, cached[1], flats)):
+            pieces = [flat.split(numels) for flat, numels in zip(flats, self.numels, strict=True)]
+            layers = [
+                {s.key: _shaped(pieces[s.group][s.position], s) for s in slots}
+                for slots in self.slots
+            ]
+            cached = self.__dict__["_views"] = (task, flats, layers)
+        return cached[2][index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_views"] = None  # made again on demand
+        return state
+
+
+def _shaped(piece: torch.Tensor, slot: Slot) -> torch.Tensor:
+    tensor = piece.view(slot.shape) if piece.shape != slot.shape else piece
+    return nn.Parameter(tensor, requires_grad=False) if slot.parameter else tensor

@@ -1,0 +1,233 @@
+"""Frozen tasks' norm layers held as values in the model's NormBank, not as modules: every
+path that reads them gives, bit for bit, what a module of the task's own gives.
+
+The reference is the same task with modules of its own: `trainable_parameters` turns a
+frozen task's norms back into modules, the way every task held them before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+from safetensors import safe_open
+from test_bank import same_bits
+from test_model import train_steps
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from piggyback import MaskConfig, PiggybackModel, read_task_file
+from piggyback.store import task_config
+
+
+class NormZoo(nn.Module):
+    """The norm types a backbone may hold: timm's BatchNorm with its activation as a
+    child, GroupNorm, InstanceNorm with running statistics, and LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_act = BatchNormAct2d(8)
+        self.group = nn.GroupNorm(2, 8)
+        self.instance = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.hidden = nn.Linear(8, 8)
+        self.layer = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.instance(self.group(self.bn_act(self.stem(x)))).mean((2, 3))
+        return self.fc(self.layer(self.hidden(x)))
+
+
+def make_zoo() -> NormZoo:
+    torch.manual_seed(0)
+    return NormZoo().eval()
+
+
+NETS: dict[str, Callable[[], nn.Module]] = {"tiny": make_tiny, "zoo": make_zoo}
+
+
+def task_files(net: str, tmp_path: Path, images: torch.Tensor) -> tuple[PiggybackModel, dict]:
+    """A model that trained tasks a and b (own norms) and froze them, and their files."""
+    model = PiggybackModel(NETS[net](), MaskConfig(train_bn=True))
+    paths = {}
+    for task in ("a", "b"):
+        model.add_task(task, 3)
+        train_steps(model, task, images)
+        model.freeze_task(task)
+        paths[task] = model.save_task(task, tmp_path / task)
+    return model, paths
+
+
+def loaded(net: str, paths: dict, *, modules: bool = False) -> PiggybackModel:
+    """The tasks loaded from their files; with `modules`, their norms as modules of their
+    own (the old way)."""
+    config = task_config(read_task_file(next(iter(paths.values())))[0])
+    model = PiggybackModel(NETS[net](), config).eval()
+    for path in paths.values():
+        task = model.load_task(path)
+        if modules:
+            model.trainable_parameters(task)
+    return model
+
+
+def run(model: PiggybackModel, task: str, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.set_task(task)(x)
+
+
+Trained = tuple[str, PiggybackModel, dict]
+
+
+@pytest.fixture(params=list(NETS))
+def trained(request: pytest.FixtureRequest, tmp_path: Path, images: torch.Tensor) -> Trained:
+    """(the net's name, the model that trained and froze tasks a and b, their files)"""
+    return (request.param, *task_files(request.param, tmp_path, images))
+
+
+def test_a_loaded_or_frozen_tasks_norms_are_values_in_the_bank(trained: Trained) -> None:
+    net, trained_model, paths = trained
+    model = loaded(net, paths)
+    for holder in (trained_model, model):
+        for norm in holder.norms.values():
+            assert norm.own_module("a") is norm.own_module("b") is None
+            assert sorted(norm.norms) == ["a", "b"]
+        assert holder.norm_bank.tasks == ["a", "b"]
+    assert loaded(net, paths, modules=True).norm_bank.tasks == []
+
+
+def test_outputs_equal_the_module_path_bit_for_bit_in_eval_and_train_mode(
+    trained: Trained, images: torch.Tensor
+) -> None:
+    net, _, paths = trained
+    banked, modules = loaded(net, paths), loaded(net, paths, modules=True)
+    for task in ("a", "b", "a"):
+        assert same_bits(run(banked, task, images), run(modules, task, images)), task
+        assert same_bits(run(banked, task, images), banked.bake(task)(images).detach())
+    outputs = []
+    for model in (banked, modules):  # batch statistics, and running ones updated in place
+        model.train()
+        outputs.append([run(model, task, images[i:]) for i, task in enumerate("abba")])
+        model.eval()
+    assert all(map(same_bits, *outputs))
+    for task in ("a", "b"):
+        assert same_bits(run(banked, task, images), run(modules, task, images)), task
+        for layer, norm in banked.norms.items():
+            theirs = modules.norms[layer].norms[task].state_dict()
+            assert all(torch.equal(v, theirs[k]) for k, v in norm.norms[task].state_dict().items())
+
+
+def test_a_mixed_batch_equals_the_per_task_loop_bit_for_bit(
+    trained: Trained, images: torch.Tensor
+) -> None:
+    net, _, paths = trained
+    model = loaded(net, paths)
+    names = ["b", "a", "a", "b", "a", "b"]
+    with torch.no_grad():
+        mixed = model(images, task_names=names)
+    for task in ("a", "b"):
+        rows = torch.tensor([row for row, name in enumerate(names) if name == task])
+        assert same_bits(mixed[rows], run(model, task, images[rows])), task
+
+
+def test_save_load_save_gives_the_same_file(tmp_path: Path, images: torch.Tensor) -> None:
+    """The same header and tensors to the bit (safetensors orders a header's keys as it
+    likes, so the bytes may differ). The trained model's config selects layers by type, a
+    loaded one's by name: only the first file's config differs from the next."""
+    _, paths = task_files("zoo", tmp_path, images)
+    once = {t: loaded("zoo", paths).save_task(t, tmp_path / "1" / t) for t in paths}
+    twice = {t: loaded("zoo", once).save_task(t, tmp_path / "2" / t) for t in paths}
+    for task in paths:
+        first, second, third = (contents(p[task]) for p in (paths, once, twice))
+        assert second == third, task
+        assert first[1] == second[1] and first[0].keys() == second[0].keys()
+
+
+def contents(path: Path) -> tuple[dict, dict]:
+    """A file's header and its tensors' bytes."""
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        header = handle.metadata()
+    meta = json.loads(header.pop("piggyback"))
+    meta.pop("config")
+    raw = {k: (v.dtype, v.shape, v.numpy().tobytes()) for k, v in tensors.items()}
+    return {**header, **meta}, raw
+
+
+def test_train_freeze_then_go_on_training_and_freeze_again(
+    tmp_path: Path, images: torch.Tensor
+) -> None:
+    trained, paths = task_files("tiny", tmp_path, images)
+    fresh = loaded("tiny", paths)
+    assert same_bits(run(trained, "a", images), run(fresh, "a", images))  # as its file
+    before_b = run(trained, "b", images)
+    train_steps(trained, "a", images)  # its head and norms: modules of their own again
+    assert all(norm.own_module("a") is not None for norm in trained.norms.values())
+    assert "a" not in trained.norm_bank
+    assert not same_bits(run(trained, "a", images), run(fresh, "a", images))
+    trained.freeze_task("a")
+    assert trained.norm_bank.tasks == ["b", "a"]
+    assert same_bits(run(trained, "b", images), before_b)
+    refrozen = trained.save_task("a", tmp_path / "refrozen" / "a")
+    again = loaded("tiny", {"a": refrozen})
+    assert same_bits(run(trained, "a", images), run(again, "a", images))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_dtype_move_moves_the_bank_with_the_model(
+    dtype: torch.dtype, tmp_path: Path, images: torch.Tensor
+) -> None:
+    _, paths = task_files("zoo", tmp_path, images)
+    banked, modules = loaded("zoo", paths), loaded("zoo", paths, modules=True)
+    run(banked, "a", images)  # the runner holds views of the float32 values: made afresh
+    for model in (banked, modules):
+        model.to(dtype)
+    x = images.to(dtype)
+    for task in ("a", "b"):
+        assert same_bits(run(banked, task, x), run(modules, task, x)), task
+
+
+def test_a_frozen_task_costs_its_tensors_and_a_few_objects(
+    tmp_path: Path, images: torch.Tensor
+) -> None:
+    _, paths = task_files("zoo", tmp_path, images)
+    model = PiggybackModel(make_zoo(), MaskConfig(train_bn=True)).eval()
+    modules, tensors = len(list(model.modules())), distinct_tensors(model)
+    for copy_number in range(5):
+        model.load_task(paths["a"], name=f"a{copy_number}")
+    # per task: the head (a module, weight and bias), masks, one flat tensor per dtype
+    assert len(list(model.modules())) - modules == 5 * 2
+    assert distinct_tensors(model) - tensors == 5 * (2 + 1 + model.norm_bank.groups)
+    norm_numel = sum(
+        t.numel() for n in model.norms.values() for t in n.base_layer.state_dict().values()
+    )
+    assert sum(t.numel() for t in model.norm_bank.flat("a3")) == norm_numel
+
+
+def distinct_tensors(model: nn.Module) -> int:
+    """Tensors in the state_dict (the head is there twice: as `head`, and in the backbone)."""
+    return len({t.data_ptr() for t in model.state_dict().values()})
+
+
+def test_the_layer_a_frozen_task_reads_is_written_through(
+    tmp_path: Path, images: torch.Tensor
+) -> None:
+    _, paths = task_files("tiny", tmp_path, images)
+    model = loaded("tiny", paths)
+    before = run(model, "a", images)
+    norm = model.norms["bn"]
+    with torch.no_grad():
+        norm.norms["a"].weight.mul_(2)  # a copy of the layer, holding the bank's tensors
+    assert not same_bits(run(model, "a", images), before)
+    copied = copy.deepcopy(model)
+    assert same_bits(run(copied, "a", images), run(model, "a", images))
+    keys = [k for k in model.state_dict() if k.startswith("norm_bank.")]
+    assert keys == [f"norm_bank.flats.{t}.{g}" for t in "ab" for g in range(2)]
+    model.remove_task("a")
+    assert "a" not in norm.norms and norm._bound is None
+    assert not any(".a." in k for k in model.state_dict())
