@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(groups)
     probe = next(iter(make_loader(data.val, 32, shuffle=False)))[0]
-    # as `fit` does; then re-estimated on 256 images at every logged step
-    start_norms_as_backbone(model, args.task, data.train, device, ImagePass(1024, 32, args.seed))
+    # as `fit` does; then re-estimated at every logged step, on as many images as fit's
+    norm_images = config.recalibrate_images
+    first_pass = ImagePass(norm_images, 32, args.seed)
+    start_norms_as_backbone(model, args.task, data.train, device, first_pass)
     network.eval()
     model.set_task(args.task)
     before = norm_outputs(model, probe)  # the task's network before any weight is dropped
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         dropped = {n: int((s <= mask.threshold).sum()) for n, s in scores.items()}
         moved = torch.cat([(s.detach() - start[n]).abs().flatten() for n, s in scores.items()])
         worst = sorted(dropped, key=lambda n: dropped[n] / scores[n].numel(), reverse=True)[:2]
-        recalibrate_norms(model, args.task, data.train, device, ImagePass(256, 32, step))
+        recalibrate_norms(model, args.task, data.train, device, ImagePass(norm_images, 32, step))
         network.eval()
         row = {
             "step": step,

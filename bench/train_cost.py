@@ -46,6 +46,7 @@ from piggyback.data import TaskData, load_task_data, tasks
 from piggyback.recipes import RECIPES
 
 METHODS = ("classifier", "piggyback", "paper", "finetune")
+NORM_PASS_IMAGES = train.TrainConfig.recalibrate_images  # fit's default
 # Per loader: the bytes a split may take resized once, and `num_workers`.
 LOADERS: dict[str, tuple[int, int | str]] = {
     "default": (tasks.RESIZE_ONCE_BYTES, "auto"),
@@ -159,6 +160,7 @@ def run(method: str, loader: str, data: TaskData, args: argparse.Namespace) -> d
         amp=args.amp,
         num_workers=LOADERS[loader][1],
         progress=False,
+        recalibrate_images=args.recalibrate_images,
     )
     model = PiggybackModel(
         create_backbone(DEFAULT_BACKBONE), MaskConfig(train_bn=RECIPES[variant.recipe].train_bn)
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", choices=("bf16", "fp16"))
     parser.add_argument("--loaders", nargs="+", default=["default"], choices=list(LOADERS))
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each")
+    parser.add_argument("--recalibrate-images", type=int, default=NORM_PASS_IMAGES,
+                        help="images of each norm pass (default: fit's)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/train_cost.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
