@@ -45,16 +45,7 @@ def median_seconds(
     fn: Callable[[], Any], device: torch.device, repeat: int = 5, warmup: int = 1
 ) -> float:
     """Median wall time of `fn` over `repeat` runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_seconds({"fn": fn}, device, repeat, warmup)["fn"]
 
 
 def interleaved_seconds(

@@ -228,8 +228,9 @@ def main() -> None:
                     f"{url}/tasks", content=path.read_bytes(), headers=headers
                 ).raise_for_status()
             rows = [run_mix(url, args, mix, images) for mix in MIXES]
-    keys = ("backbone", "size", "cache_size", "batch_window_ms", "max_batch", "threads")
-    settings = {key: getattr(args, key) for key in (*keys, "device", "amp")}
+    keys = ("backbone", "size", "cache_size", "batch_window_ms", "max_batch", "threads",
+            "device", "amp")  # fmt: skip
+    settings = {key: getattr(args, key) for key in keys}
     plain = plain_forward_ms(args)
     mix_ratio = round(rows[-1]["req_per_s"] / rows[0]["req_per_s"], 3)
     print(
