@@ -88,13 +88,19 @@ class MaskBank(nn.Module):
             raise UnknownTaskError(f"no stored masks for task {task!r}; stored: {list(self.kinds)}")
         return self.bits[task]
 
-    def keep_all(self, task: str) -> torch.Tensor | None:
-        """Every layer's keep flags of a binary task off the CPU, unpacked at once (one
-        chain of kernels for the whole model instead of one per layer); None elsewhere."""
-        packed = self.packed(task)
-        if self.kinds[task] != "binary" or packed.device.type == "cpu":
-            return None
-        return unpack_mask(packed, self.numel, "binary", torch.bool)
+    def unpacks_at_once(self, task: str) -> bool:
+        """Whether `keep_all` serves `task`: a stored binary task off the CPU (on the CPU
+        each layer unpacks its own bits into its product, `masked_into`)."""
+        return (
+            task in self.kinds
+            and self.kinds[task] == "binary"
+            and self.packed(task).device.type != "cpu"
+        )
+
+    def keep_all(self, task: str) -> torch.Tensor:
+        """Every layer's keep flags of a task that `unpacks_at_once`, unpacked at once (one
+        chain of kernels for the whole model instead of one per layer)."""
+        return unpack_mask(self.packed(task), self.numel, "binary", torch.bool)
 
 
 def masked_into(

@@ -287,9 +287,7 @@ class PiggybackModel(nn.Module):
         modules again)."""
         self._check_task(name)
         if self.is_trainable(name):
-            with torch.no_grad():
-                masks = [layer.mask(name) for layer in self.masked_layers.values()]
-            self._store(name, masks, self.mask_kind(name))
+            self._store(name, list(self.masks(name).values()), self.mask_kind(name))
         for norm in self.norms.values():
             norm.freeze_task(name)
         owns = [norm.own_module(name) for norm in self.norms.values()]
@@ -548,8 +546,7 @@ class PiggybackModel(nn.Module):
         if task in self.bank:
             bits = self.bank.packed(task).cpu()
         else:
-            with torch.no_grad():
-                flat = torch.cat([m.mask(task).flatten() for m in self.masked_layers.values()])
+            flat = torch.cat([mask.flatten() for mask in self.masks(task).values()])
             bits = pack_mask(flat.cpu(), kind)
         norms = {
             f"{layer_name}.{key}": value
@@ -618,13 +615,14 @@ class PiggybackModel(nn.Module):
         """Before a forward without autograd: every layer's stale W * mask for a stored
         `task`, off the CPU from one unpack of the whole task (layers would otherwise
         derive their own as the forward reaches them, a chain of kernels each)."""
-        if task is None or torch.is_grad_enabled() or task not in self.bank:
-            return
+        if task is None or torch.is_grad_enabled() or not self.bank.unpacks_at_once(task):
+            return  # each layer derives its own as the forward reaches it
         stale = [layer for layer in self.masked_layers.values() if layer.is_stale(task)]
-        keep = self.bank.keep_all(task) if stale else None
+        if not stale:
+            return
+        keep = self.bank.keep_all(task)
         for layer in stale:
-            numel = layer.frozen.numel()
-            layer.derive(task, None if keep is None else keep[layer.start : layer.start + numel])
+            layer.derive(task, keep[layer.start : layer.start + layer.frozen.numel()])
 
     def _check_task(self, name: str) -> None:
         if name not in self.task_info:

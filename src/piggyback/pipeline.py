@@ -120,22 +120,36 @@ def open_tasks(
     size: int | None = None,
 ) -> tuple[PiggybackModel, InputSpec, list[str]]:
     """One model holding every task file of `given` (files, or folders of them) on the
-    backbone the first records, for task inference. Returns the model, the input spec all
-    its tasks share and a line for each file that did not load (skipped, as the server
-    does); tasks trained at another input size are refused unless `size` sets one."""
+    backbone the first that loads records, for task inference. Returns the model, the
+    input spec all its tasks share and a line for each file that did not load (skipped,
+    as the server does); tasks whose inputs are prepared otherwise are skipped, and those
+    trained at another input size too unless `size` sets one."""
     paths = [p for path in given for p in (task_files(path) if path.is_dir() else [path])]
     if not paths:
         raise ConfigError(f"no task file in {[str(p) for p in given]}")
-    model, _, spec = open_task(paths[0], backbone=backbone, weights=weights, size=size)
-    skipped = []
-    for path in paths[1:]:
+    skipped, rest = [], list(paths)
+    while rest:  # the first file that loads sets the backbone and the input spec
+        first = rest.pop(0)
+        try:
+            model, _, spec = open_task(first, backbone=backbone, weights=weights, size=size)
+            break
+        except PiggybackError as exc:
+            skipped.append(f"skipped {first}: {exc}")
+    else:
+        raise ConfigError(f"no task file of {[str(p) for p in given]} loads: {skipped}")
+    for path in rest:
         try:
             contents = read_task_file(path)
-            own = recorded_spec(task_source(contents[0]), model.base, path)
-            if size is None and own != spec:
+            own = recorded_spec(task_source(contents[0]), model.backbone, path)
+            if replace(own, size=spec.size) != spec:
                 raise ConfigError(
-                    f"it was trained on {own.size} px inputs prepared otherwise than "
-                    f"{paths[0]} ({spec.size} px); pass --size to run all at one size"
+                    f"its inputs are prepared otherwise than {first}'s ({own.describe()}; "
+                    f"against {spec.describe()})"
+                )
+            if size is None and own.size != spec.size:
+                raise ConfigError(
+                    f"it was trained on {own.size} px inputs, {first} on {spec.size} "
+                    "px; pass --size to run all at one size"
                 )
             model.load_task(path, read=contents)
         except PiggybackError as exc:
