@@ -14,7 +14,7 @@ from test_model import train_steps
 from torch import nn
 
 from piggyback import MaskConfig, PiggybackModel, TaskFileError, read_task_file
-from piggyback.errors import ConfigError
+from piggyback.errors import BackboneMismatchError, ConfigError
 from piggyback.store import write_task_file
 from piggyback.taskfeatures import (
     TAIL,
@@ -198,6 +198,21 @@ def test_hostile_feature_statistics_are_refused_when_read(
     with pytest.raises(TaskFileError, match=named):
         read_task_file(path)
     with pytest.raises(TaskFileError):
+        PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
+
+
+def test_feature_statistics_of_a_layer_the_model_lacks_are_refused_when_loaded(
+    model: PiggybackModel, tmp_path: Path
+) -> None:
+    """A well-formed file whose statistics read a layer this model does not mask would
+    fail every task's inference: it is refused when loaded, like any other misfit."""
+    calibrated(model)
+    path = model.save_task("a", tmp_path / "a.safetensors")
+    meta, tensors = read_task_file(path)
+    meta["metadata"][CALIBRATION_KEY][FEATURES_KEY]["layers"][0]["name"] = "no_such_layer"
+    write_task_file(path, meta, tensors)
+    read_task_file(path)  # well formed
+    with pytest.raises(BackboneMismatchError, match="no_such_layer"):
         PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
 
 

@@ -38,6 +38,7 @@ from .bits import (
 from .config import MaskConfig
 from .errors import BackboneMismatchError, TaskFileError, TaskFileNotFoundError
 from .layers import NORM_DTYPE
+from .taskinfer import CALIBRATION_KEY, FEATURES_KEY
 from .taskmeta import check_meta
 
 FORMAT = "piggyback-task"
@@ -382,6 +383,7 @@ def check_fits(path: str | Path, task: PreparedTask, model: ModelShape) -> dict[
             f"({model.class_name}): load it onto the backbone it was trained on"
         )
     _check_layers(path, task.layers, model.layers)
+    _check_feature_layers(path, task.metadata, model.layers)
     if task.backbone.get("head", model.head) != model.head:
         raise BackboneMismatchError(
             f"{path} replaces the head {task.backbone['head']!r}; this model's head is "
@@ -398,6 +400,22 @@ def check_fits(path: str | Path, task: PreparedTask, model: ModelShape) -> dict[
     for layer, state in norms.items():
         _check_state(path, f"norm layer {layer}", state, model.norms[layer], partial=True)
     return norms
+
+
+def _check_feature_layers(
+    path: str | Path, metadata: Mapping[str, Any], layers: list[tuple[str, tuple[int, ...]]]
+) -> None:
+    """The layers a task's feature statistics name (`piggyback.taskfeatures`) are masked
+    layers of the model: task inference runs every candidate at once, so a task reading
+    a layer the model lacks would fail the inference of every task."""
+    calibration = metadata.get(CALIBRATION_KEY) or {}
+    named = [layer["name"] for layer in calibration.get(FEATURES_KEY, {}).get("layers", [])]
+    unknown = sorted(set(named) - {name for name, _ in layers})
+    if unknown:
+        raise BackboneMismatchError(
+            f"{path}'s task-inference statistics read layers {unknown}, which this model "
+            "does not mask: load it onto the model it was calibrated on"
+        )
 
 
 def _check_state(
