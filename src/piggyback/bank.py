@@ -150,7 +150,7 @@ def _on_threads(work: Callable[[int, int], None], numel: int) -> None:
         work(0, numel)
         return
     first, *others = pairwise(numel * part // threads for part in range(threads + 1))
-    pending = [_pool(threads - 1).submit(work, *part) for part in others]
+    pending = [_pool().submit(work, *part) for part in others]
     try:
         work(*first)
     finally:
@@ -158,16 +158,18 @@ def _on_threads(work: Callable[[int, int], None], numel: int) -> None:
             done.result()
 
 
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of `workers` threads for this process (a forked child makes its own: the
-    parent's threads are not in it)."""
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="piggyback-derive")
-    return _POOLS[key]
+def _pool() -> ThreadPoolExecutor:
+    """This process's pool (a forked child makes its own: the parent's threads are not in
+    it). It starts a thread only when no idle one can take a part, so it holds as many as
+    the most parts handed to it at once."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        workers = os.cpu_count() or 1
+        _POOLS[pid] = ThreadPoolExecutor(workers, thread_name_prefix="piggyback-derive")
+    return _POOLS[pid]
 
 
 def _numpy_select(weight: torch.Tensor, out: torch.Tensor | None) -> bool:
