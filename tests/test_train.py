@@ -18,6 +18,7 @@ from piggyback.backbones import InputSpec
 from piggyback.data import TaskData, load_task_data, make_loader
 from piggyback.errors import DataError, TaskFileError
 from piggyback.loop import evaluate, train_one_epoch
+from piggyback.taskinfer import CALIBRATION_KEY, calibrate_task
 from piggyback.train import TrainConfig, fit, setup_training
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
@@ -52,6 +53,18 @@ def test_piggyback_fit_writes_everything(digits: TaskData, tmp_path: Path) -> No
     assert result.test["top1"] > 0.5  # 10 classes: chance is 0.1
     assert rows[-1]["kept"] < 1.0
     assert fingerprint(model.base) == fingerprint(digit_net())
+
+
+def test_the_final_validation_pass_calibrates_as_a_pass_of_its_own_would(
+    digits: TaskData, tmp_path: Path
+) -> None:
+    """fit gathers task inference's calibration during its last validation pass; the
+    record equals what `calibrate_task` gives over the same validation images."""
+    model = PiggybackModel(digit_net())
+    fit(model, "digits", digits, quick(epochs=1), tmp_path)
+    gathered = model.task_info["digits"].metadata[CALIBRATION_KEY]
+    again = calibrate_task(model, "digits", make_loader(digits.val, 16, shuffle=False))
+    assert gathered["samples"] == len(digits.val) and again == gathered
 
 
 def test_classifier_keeps_all_weights(digits: TaskData, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ metrics of the whole set (`piggyback.distributed`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -70,8 +70,10 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
     amp: Amp | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
-    """Top-1, top-5 and per-class accuracy, and mean loss, over `loader`.
+    """Top-1, top-5 and per-class accuracy, and mean loss, over `loader`; `observe`, if
+    given, sees each batch's logits and labels (`taskinfer.calibrating`).
 
     Under torch.distributed each process passes its own share of the set
     (`distributed.shard`) and every process gets the metrics of the whole set.
@@ -85,6 +87,8 @@ def evaluate(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
+        if observe is not None:
+            observe(logits, labels)
         total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         right = ranked[:, 0] == labels

@@ -32,7 +32,7 @@ classes) and, by default, its own norm layers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -208,24 +208,43 @@ def calibrate_task(
     labels) pairs) look like to it: how sure it is of them (what rule="calibrated"
     compares inputs with) and the statistics of their features (rule="features",
     `piggyback.taskfeatures`; per class where labels are given). Returns the record."""
-    active, layers = model.active_task, feature_layers(model)
-    entropies, labels = [], []
-    with _evaluating(model), captured(model, layers) as seen:
+    active = model.active_task
+    with _evaluating(model), calibrating(model, task) as observe:
         model.set_task(task)
         try:
             for batch in batches:
-                entropies.append(normalised_entropy(model(_images(batch).to(device))).cpu())
-                if isinstance(batch, (tuple, list)) and len(batch) > 1:
-                    labels.append(torch.as_tensor(batch[1]).reshape(-1).cpu())
+                labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+                observe(model(_images(batch).to(device)), labels)
         finally:
             model.set_task(active)
+    return model.task_info[task].metadata[CALIBRATION_KEY]
+
+
+@contextmanager
+def calibrating(
+    model: PiggybackModel, task: str
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor | None], None]]:
+    """Calibrate `task` (as `calibrate_task` does) from the forward passes of it that the
+    block runs on its own validation images, such as a final validation pass: the block
+    calls the function it is given with each batch's logits and labels (None: no
+    per-class statistics). The record is stored when the block ends without error."""
+    layers = feature_layers(model)
+    entropies: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+
+    def observe(logits: torch.Tensor, batch_labels: torch.Tensor | None) -> None:
+        entropies.append(normalised_entropy(logits).cpu())
+        if batch_labels is not None:
+            labels.append(torch.as_tensor(batch_labels).reshape(-1).cpu())
+
+    with captured(model, layers) as seen:
+        yield observe
     record = calibration(torch.cat(entropies) if entropies else torch.empty(0))
     features = {name: value.cpu() for name, value in _features_of(seen, layers, task).items()}
     by_class = torch.cat(labels) if labels and len(labels) == len(entropies) else None
     classes = model.task_info[task].num_classes
     record[FEATURES_KEY] = feature_record(features, by_class, classes)
     model.task_info[task].metadata[CALIBRATION_KEY] = record
-    return record
 
 
 def _features_of(

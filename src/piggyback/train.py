@@ -13,7 +13,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from .norms import ImagePass, recalibrate_norms, start_norms_as_backbone
 from .precision import Amp, check_amp
 from .recipes import DEFAULT_RECIPE
 from .store import write_atomic
-from .taskinfer import calibrate_task
+from .taskinfer import calibrate_task, calibrating
 from .workers import Workers, check_workers, resolve_workers
 
 Method = Literal["piggyback", "classifier", "finetune"]
@@ -255,10 +255,14 @@ class _Run:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
-    def evaluate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    def evaluate(
+        self,
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> dict[str, Any]:
         return evaluate(
             self.network, loader, self.device, self.data.num_classes, progress=False,
-            amp=self.config.amp,
+            amp=self.config.amp, observe=observe,
         )  # fmt: skip
 
 
@@ -508,13 +512,20 @@ def _finish(
         run.network.load_state_dict(best["state"], strict=False)
     if method != "finetune":
         model.freeze_task(task)  # in every process, so that all hold the same model
-    # Measured as saved: the frozen task is what its file reloads to.
-    val, test = run.evaluate(run.val_loader), run.evaluate(run.test_loader)
-    if main and method != "finetune" and len(data.val):
-        # How sure the task is of its own validation images: what task inference compares
-        # an input of unknown task with (`piggyback.taskinfer`); saved in its file.
-        loader = make_loader(data.val, run.config.batch_size, shuffle=False)
-        calibrate_task(model, task, loader, run.device)
+    # Measured as saved: the frozen task is what its file reloads to. The final validation
+    # pass also calibrates the task (how sure it is of its own validation images and what
+    # their features look like: what task inference compares an input of unknown task
+    # with, `piggyback.taskinfer`; saved in its file), unless each process sees a share.
+    calibrate = main and method != "finetune" and len(data.val) > 0
+    if calibrate and distributed.world_size() == 1:
+        with calibrating(model, task) as observe:
+            val = run.evaluate(run.val_loader, observe)
+    else:
+        val = run.evaluate(run.val_loader)
+        if calibrate:
+            loader = make_loader(data.val, run.config.batch_size, shuffle=False)
+            calibrate_task(model, task, loader, run.device)
+    test = run.evaluate(run.test_loader)
     task_file = save_result_model(model, run.network, task, method, run.out) if main else None
     kept = model.mask_stats(task).kept if method == "piggyback" else None
     problems = degenerate_task_problems(
