@@ -254,8 +254,7 @@ def derive_all(model: PiggybackModel, task: str) -> None:
     forward would do before any convolution)."""
     model.set_task(task)
     with torch.no_grad():
-        for layer in model.masked_layers.values():
-            layer.masked_weight(task)
+        model.derive_weights(task)
 
 
 def bench_switch(model: PiggybackModel, masks: dict[str, torch.Tensor], args: Any) -> dict:

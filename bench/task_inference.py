@@ -38,7 +38,7 @@ from piggyback.taskinfer import DEFAULT_THRESHOLDS, RULES, calibrate_task
 from piggyback.train import TrainConfig, fit
 
 BATCH = 16  # samples of one task in a per-batch inference
-COST_COLUMNS = ["rule", "k", "ms_per_image", "plain_ms_per_image", "ratio"]
+COST_COLUMNS = ["rule", "k", "weight_cache_size", "ms_per_image", "plain_ms_per_image", "ratio"]
 
 
 class ClassSubset(Dataset):
@@ -173,7 +173,8 @@ def cost(
 ) -> list[dict[str, Any]]:
     """Seconds per image of inference over k tasks, by each rule, against one plain
     forward (the task baked into a plain backbone); timed in turns, so that other
-    processes on the machine slow every figure alike."""
+    processes on the machine slow every figure alike. Once with the default weight cache
+    (each call re-derives every candidate's masked weights), once keeping all k."""
     batch = images[:BATCH]
     plain = model.bake(next(iter(model.task_info))).to(device)
     rows = []
@@ -181,19 +182,23 @@ def cost(
         names = [f"copy{i}" for i in range(k)]
         for name in names:
             model.load_task(task_file, name=name)
-        runs = {"plain": lambda: plain(batch)}
-        for rule in RULES:
-            runs[rule] = lambda rule=rule, names=names: model.infer_task(
-                batch, tasks=names, rule=rule
-            )
-        with torch.no_grad():
-            seconds = interleaved_seconds(runs, device, repeat=9)
-        for rule in RULES:
-            rows.append(
-                {"rule": rule, "k": k, "ms_per_image": 1000 * seconds[rule] / len(batch),
-                 "plain_ms_per_image": 1000 * seconds["plain"] / len(batch),
-                 "ratio": seconds[rule] / seconds["plain"]}
-            )  # fmt: skip
+        for cache in (1, k):
+            model.weight_cache_size = cache
+            runs = {"plain": lambda: plain(batch)}
+            for rule in RULES:
+                runs[rule] = lambda rule=rule, names=names: model.infer_task(
+                    batch, tasks=names, rule=rule
+                )
+            with torch.no_grad():
+                seconds = interleaved_seconds(runs, device, repeat=9)
+            for rule in RULES:
+                rows.append(
+                    {"rule": rule, "k": k, "weight_cache_size": cache,
+                     "ms_per_image": 1000 * seconds[rule] / len(batch),
+                     "plain_ms_per_image": 1000 * seconds["plain"] / len(batch),
+                     "ratio": seconds[rule] / seconds["plain"]}
+                )  # fmt: skip
+        model.weight_cache_size = 1
         for name in names:
             model.remove_task(name)
     return rows

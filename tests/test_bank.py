@@ -6,14 +6,17 @@ The old path, kept here as the reference: a stored binary mask selected the weig
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import make_tiny
 from torch import nn
 
 from piggyback import MaskConfig, PiggybackModel
-from piggyback.bank import MaskBank, masked_into
+from piggyback.bank import MaskBank, masked_into, masks_into
 from piggyback.bits import unpack_mask
+from piggyback.errors import ConfigError
 from piggyback.layers import copy_leaf
 
 INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
@@ -80,6 +83,30 @@ def test_masked_weights_equal_the_old_path_bit_for_bit(
         start += weight.numel()
 
 
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_all_layers_at_once_equal_the_old_path_bit_for_bit(
+    kind: str, dtype: torch.dtype, threads: int
+) -> None:
+    """masks_into: every layer of a task in one go, the values end to end split over
+    threads (parts begin and end inside layers), each written into its own tensor."""
+    masks = random_masks(SHAPES, kind, seed=2)
+    bank = MaskBank([m.numel() for m in masks])
+    bank.store("t", masks, kind, torch.device("cpu"))
+    weights = [awkward_weight(shape, dtype, seed=i) for i, shape in enumerate(SHAPES)]
+    starts = [0, *itertools.accumulate(w.numel() for w in weights)][:-1]
+    outs = [torch.full_like(w, 7.0) for w in weights]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        masks_into(bank, "t", list(zip(weights, starts, outs, strict=True)))
+    finally:
+        torch.set_num_threads(before)
+    for weight, mask, out in zip(weights, masks, outs, strict=True):
+        assert same_bits(out, old_masked_weight(weight, mask, kind))
+
+
 def stored_model(kind: str = "binary") -> tuple[PiggybackModel, dict[str, dict]]:
     """A tiny model with three stored tasks of random masks, and the masks."""
     config = MaskConfig(train_bn=False)
@@ -135,9 +162,58 @@ def test_training_mode_frees_cached_weights_and_eval_keeps_their_memory() -> Non
         model.set_task("a")(torch.randn(1, 3, 8, 8))
     layer = model.masked_layers["stem"]
     model.eval()
-    assert layer.is_stale("a") and layer._cached is not None
+    assert layer.is_stale("a") and len(layer._derived) == 1  # stale, its memory kept
     model.train()
-    assert layer._cached is None
+    assert not layer._derived
+
+
+def derivations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time a layer's binary W * mask is derived on the CPU."""
+    import piggyback.bank
+
+    calls: list[int] = []
+    select = piggyback.bank._select_on_cpu
+
+    def counted(packed, layers):  # type: ignore[no-untyped-def]
+        calls.extend(1 for _ in layers)
+        return select(packed, layers)
+
+    monkeypatch.setattr(piggyback.bank, "_select_on_cpu", counted)
+    return calls
+
+
+def test_a_weight_cache_of_k_tasks_derives_each_once_across_mixed_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _ = stored_model()
+    names = ["c", "a", "b", "a"]
+    x = torch.randn(len(names), 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    calls = derivations(monkeypatch)
+    layers = len(model.masked_layers)
+    with torch.no_grad():
+        for task in "abc":
+            model.set_task(task)(x)
+        reference = model(x, task_names=names)
+        assert len(calls) == 3 * layers + 2 * layers  # c ran last; a cache of 1 re-derives a, b
+        model.weight_cache_size = 3
+        calls.clear()
+        first = model(x, task_names=names)
+        again = model(x, task_names=names)
+        assert len(calls) == 2 * layers  # c and a, once; b was kept from the last group
+        assert same_bits(first, reference) and same_bits(again, reference)
+        model.weight_cache_size = 2  # drops the least recently used, c (groups run c, a, b)
+        assert all(list(layer._derived) == ["a", "b"] for layer in model.masked_layers.values())
+        calls.clear()
+        model.set_task("a")(x)
+        assert not calls
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "2"])
+def test_weight_cache_size_refuses_what_is_not_a_positive_integer(size: object) -> None:
+    model, _ = stored_model()
+    with pytest.raises(ConfigError, match="weight_cache_size"):
+        model.weight_cache_size = size  # type: ignore[assignment]
+    assert model.weight_cache_size == 1
 
 
 def test_mixed_batch_in_any_order_equals_each_tasks_forward_bit_for_bit() -> None:

@@ -67,8 +67,8 @@ def test_task_inference_bench(tmp_path: Path) -> None:
             assert 0 <= row["per_sample"] <= 1 and 0 <= row["end_to_end"] <= row["per_sample"]
     refusals = payload["domains_refusal"]
     assert sum(row["default"] for row in refusals) == 3, "one default threshold per rule"
-    assert [(row["rule"], row["k"]) for row in payload["cost"]] == [
-        (rule, k) for k in (3, 10) for rule in rules
+    assert [(row["rule"], row["k"], row["weight_cache_size"]) for row in payload["cost"]] == [
+        (rule, k, cache) for k in (3, 10) for cache in (1, k) for rule in rules
     ]
 
 

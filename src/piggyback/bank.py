@@ -16,13 +16,13 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import numpy as np
 import torch
 from torch import nn
 
-from .bits import MaskKind, bits_per_value, pack_mask, unpack_codes, unpack_mask
+from .bits import MaskKind, bits_per_value, pack_mask, unpack_binary, unpack_mask
 from .errors import ConfigError, UnknownTaskError
 
 # Integer views of float weights: multiplying the bits by 1 keeps them, by 0 gives +0.0,
@@ -122,23 +122,52 @@ def masked_into(
         return torch.mul(weight, values.to(weight.dtype), out=out)
     if keep is None and _numpy_select(weight, out):
         target = torch.empty_like(weight) if out is None else out
-        as_int = _INT_VIEWS[weight.element_size()]
-        source = weight.detach().view(as_int).numpy().reshape(-1)
-        written = target.view(as_int).numpy().reshape(-1)
-        packed = bank.packed(task)
-
-        def select(first: int, last: int) -> None:
-            for begin in range(first, last, _CHUNK):  # each chunk's 0/1 bytes stay in cache
-                end = min(begin + _CHUNK, last)
-                codes = unpack_codes(packed, end - begin, "binary", start + begin).numpy()
-                np.multiply(source[begin:end], codes, out=written[begin:end])
-
-        _on_threads(select, numel)
+        _select_on_cpu(bank.packed(task), [(weight, start, target)])
         return target
     if keep is None:
         keep = bank.values(task, start, numel, torch.bool)
     zero = weight.new_zeros(())
     return torch.where(keep.view(weight.shape), weight, zero, out=out)
+
+
+def masks_into(
+    bank: MaskBank, task: str, layers: Sequence[tuple[torch.Tensor, int, torch.Tensor]]
+) -> None:
+    """W * mask of several layers of a stored task at once, each (weight, the place of
+    its first value in the task's bits, the tensor to write): on the CPU their values end
+    to end in equal parts over the threads (layers one by one leave the threads idle
+    between parts, and a small layer on one thread); a binary task elsewhere from one
+    unpack for every layer (`MaskBank.keep_all`); else layer by layer."""
+    if bank.kinds.get(task) == "binary" and all(_numpy_select(w, out) for w, _, out in layers):
+        _select_on_cpu(bank.packed(task), layers)
+        return
+    keep = bank.keep_all(task) if bank.unpacks_at_once(task) else None
+    for weight, start, out in layers:
+        part = None if keep is None else keep[start : start + weight.numel()]
+        masked_into(weight, bank, task, start, out, part)
+
+
+def _select_on_cpu(
+    packed: torch.Tensor, layers: Sequence[tuple[torch.Tensor, int, torch.Tensor]]
+) -> None:
+    """Binary W * mask of `layers` (as `masks_into` takes them) with numpy: each weight's
+    bits multiplied as integers by its unpacked 0/1 bytes, a chunk at a time."""
+    views = []
+    for weight, start, out in layers:
+        as_int = _INT_VIEWS[weight.element_size()]
+        source = weight.detach().view(as_int).numpy().reshape(-1)
+        views.append((source, out.view(as_int).numpy().reshape(-1), start))
+    ends = list(accumulate(len(source) for source, _, _ in views))
+    bits = packed.numpy()
+
+    def select(first: int, last: int) -> None:
+        for (source, written, start), (low, high) in zip(views, pairwise([0, *ends]), strict=True):
+            for begin in range(max(first, low) - low, min(last, high) - low, _CHUNK):
+                end = min(begin + _CHUNK, last - low, len(source))  # chunks' bytes stay in cache
+                codes = unpack_binary(bits, end - begin, start + begin)
+                np.multiply(source[begin:end], codes, out=written[begin:end])
+
+    _on_threads(select, ends[-1] if ends else 0)
 
 
 def _on_threads(work: Callable[[int, int], None], numel: int) -> None:

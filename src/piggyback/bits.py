@@ -86,15 +86,22 @@ def unpack_mask(
 
 def unpack_codes(packed: torch.Tensor, numel: int, kind: MaskKind, start: int = 0) -> torch.Tensor:
     """The uint8 codes (value - lowest) of `numel` values from the `start`-th on, flat."""
+    if kind == "binary" and packed.device.type == "cpu":
+        return torch.from_numpy(unpack_binary(packed.numpy(), numel, start))
     bits = bits_per_value(kind)
     per_byte = 8 // bits
     first, skip = divmod(start, per_byte)
     packed = packed[first : first + math.ceil((skip + numel) / per_byte)]
-    if kind == "binary" and packed.device.type == "cpu":
-        codes = np.unpackbits(packed.numpy(), count=skip + numel, bitorder="little")
-        return torch.from_numpy(codes[skip:])
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
     return ((packed.view(-1, 1) >> shifts) & ((1 << bits) - 1)).flatten()[skip : skip + numel]
+
+
+def unpack_binary(packed: np.ndarray, numel: int, start: int = 0) -> np.ndarray:
+    """The 0/1 bytes of `numel` binary values from the `start`-th on, from numpy's packed
+    bytes (what `unpack_codes` gives on the CPU, without a tensor round trip)."""
+    first, skip = divmod(start, 8)
+    needed = packed[first : first + (skip + numel + 7) // 8]
+    return np.unpackbits(needed, count=skip + numel, bitorder="little")[skip:]
 
 
 def empirical_entropy_bits(mask: torch.Tensor) -> float:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +82,13 @@ class MaskedLayer(TaskModule):
 
     A task is either trainable (fp32 scores, thresholded each forward) or stored (its
     bit-packed mask in the model's `MaskBank`, from this layer's `start`). Under
-    `torch.no_grad` the masked weight of the last task used is cached, so inference
-    does not re-threshold or unpack on every call; a task switch rewrites the cached
-    tensor in place unless someone else holds it (`clone` a weight to keep it across
-    switches). Reading the masked parameter by name (``layer.weight``) gives the active
-    task's masked weight, so parents that read it directly see the mask too (and pass
-    the scores their gradient); `frozen` is the backbone's own.
+    `torch.no_grad` the masked weights of the `cache_size` tasks used last are cached,
+    so inference does not re-threshold or unpack on every call; deriving a task that
+    is not cached rewrites the least recently used tensor in place unless someone else
+    holds it (`clone` a weight to keep it across switches). Reading the masked parameter
+    by name (``layer.weight``) gives the active task's masked weight, so parents that
+    read it directly see the mask too (and pass the scores their gradient); `frozen` is
+    the backbone's own.
 
     Example:
         >>> layer = MaskedLayer(nn.Linear(4, 2), MaskConfig())
@@ -104,8 +106,10 @@ class MaskedLayer(TaskModule):
         self.kinds: dict[str, MaskKind] = {}
         self.__dict__["bank"] = None  # the model's, set by `attach`; not a submodule
         self.start = 0
-        self._key: tuple | None = None  # what `_cached` holds: task, source version, device
-        self._cached: torch.Tensor | None = None
+        self.cache_size = 1  # tasks whose masked weights are kept (the model's `weight_cache_size`)
+        # task -> (what the weight was derived from: source, version, device; the weight),
+        # least recently used first; a key of None marks memory kept for reuse only.
+        self._derived: OrderedDict[str, tuple[tuple | None, torch.Tensor]] = OrderedDict()
 
     def attach(self, bank: MaskBank, start: int) -> None:
         """Read stored tasks' masks from `bank`, this layer's values from the `start`-th."""
@@ -144,13 +148,13 @@ class MaskedLayer(TaskModule):
         if task in self.scores:
             del self.scores[task]
         self.kinds[task] = kind
-        self._key = None
+        self._forget(task)
 
     def remove_task(self, task: str) -> None:
         if task in self.scores:
             del self.scores[task]
         self.kinds.pop(task, None)
-        self._key = None
+        self._derived.pop(task, None)
 
     def mask(self, task: str) -> torch.Tensor:
         """The task's mask as fp32, shaped like the weight; differentiable for trainable tasks."""
@@ -168,20 +172,45 @@ class MaskedLayer(TaskModule):
             return self.frozen
         if torch.is_grad_enabled():
             return self._apply_mask(task, out=None)
-        return self.derive(task) if self.is_stale(task) else cast(torch.Tensor, self._cached)
+        if self.is_stale(task):
+            return self.derive(task)
+        self._derived.move_to_end(task)
+        return self._derived[task][1]
 
     def is_stale(self, task: str) -> bool:
         """Whether the cache does not hold `task`'s current masked weight."""
-        return self._key != self._cache_key(task)
+        held = self._derived.get(task)
+        return held is None or held[0] != self._cache_key(task)
 
-    def derive(self, task: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Cache `task`'s masked weight, reusing the cached tensor's memory when no one else
-        holds it (a fresh allocation costs more than the product). `keep`: this layer's
-        slice of `MaskBank.keep_all`."""
-        out, self._cached, self._key = self._reusable(), None, None
-        self._cached = self._apply_mask(task, out, keep)
-        self._key = self._cache_key(task)
-        return self._cached
+    def derive(self, task: str) -> torch.Tensor:
+        """Cache `task`'s masked weight, written into the memory `claim` finds."""
+        weight = self._apply_mask(task, self.claim(task))
+        self.hold(task, weight)
+        return weight
+
+    def claim(self, task: str) -> torch.Tensor:
+        """Memory to write `task`'s masked weight into, taken out of the cache: its own
+        entry's, else (the cache being full) the least recently used entry's, if it fits
+        the weight and no one else holds it (a fresh allocation costs more than the
+        product); else new memory."""
+        if task in self._derived:
+            held = self._derived.pop(task)[1]
+        elif self._derived and len(self._derived) >= self.cache_size:
+            held = self._derived.popitem(last=False)[1][1]
+        else:
+            return torch.empty_like(self.frozen)
+        reusable = (
+            sys.getrefcount(held) <= 2  # this frame's name and getrefcount's argument
+            # torch refuses to write an inference tensor outside inference mode
+            and not (held.is_inference() and not torch.is_inference_mode_enabled())
+            and (held.shape, held.dtype, held.device, held.stride())
+            == (self.frozen.shape, self.frozen.dtype, self.frozen.device, self.frozen.stride())
+        )
+        return held if reusable else torch.empty_like(self.frozen)
+
+    def hold(self, task: str, weight: torch.Tensor) -> None:
+        """Cache `weight` as `task`'s masked weight, derived from its current mask."""
+        self._derived[task] = (self._cache_key(task), weight)
 
     def _cache_key(self, task: str) -> tuple:
         if task in self.scores:
@@ -193,33 +222,33 @@ class MaskedLayer(TaskModule):
         weight = self.frozen
         return (task, id(source), source._version, weight.device, weight.dtype)
 
-    def _reusable(self) -> torch.Tensor | None:
-        """The cached tensor, if it fits the weight and only this layer refers to it: the
-        attribute, this frame's name and getrefcount's argument."""
-        held, weight = self._cached, self.frozen
-        if held is None or sys.getrefcount(held) > 3:
-            return None
-        if held.is_inference() and not torch.is_inference_mode_enabled():
-            return None  # torch refuses to write an inference tensor outside inference mode
-        fits = (held.shape, held.dtype, held.device) == (weight.shape, weight.dtype, weight.device)
-        return held if fits and held.is_contiguous() else None
-
-    def _apply_mask(
-        self, task: str, out: torch.Tensor | None, keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _apply_mask(self, task: str, out: torch.Tensor | None) -> torch.Tensor:
         """W * mask, into `out` when given; a stored mask is never made a float tensor."""
         weight = self.frozen
         if task in self.scores:
             return torch.mul(weight, self.mask(task).to(weight.dtype), out=out)
         if task not in self.kinds or self.bank is None:
             raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
-        return masked_into(weight, self.bank, task, self.start, out, keep)
+        return masked_into(weight, self.bank, task, self.start, out)
 
     def clear_cache(self, release: bool = True) -> None:
-        """Forget the cached masked weight; keep its memory for the next one unless `release`."""
-        self._key = None
+        """Forget the cached masked weights; keep their memory for the next ones unless
+        `release`."""
         if release:
-            self._cached = None
+            self._derived.clear()
+        for task in self._derived:
+            self._forget(task)
+
+    def resize_cache(self, size: int) -> None:
+        """Keep the masked weights of at most `size` tasks, dropping the least recently used."""
+        self.cache_size = size
+        while len(self._derived) > size:
+            self._derived.popitem(last=False)
+
+    def _forget(self, task: str) -> None:
+        """Mark `task`'s cached weight stale, keeping its memory for reuse."""
+        if task in self._derived:
+            self._derived[task] = (None, self._derived[task][1])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base layer's own computation with the active task's masked weight."""
