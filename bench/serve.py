@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=300, help="timed requests per mix")
     parser.add_argument("--cache-size", type=int, default=4)
+    parser.add_argument("--images-per-thread", type=int, default=2, help="the server's flag")
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads, server and baseline")
@@ -109,7 +110,8 @@ def server(
     command = [
         sys.executable, "-m", "piggyback", "serve", "--tasks", str(directory / "served"),
         "--backbone", args.backbone, "--weights", str(weights), "--port", str(port),
-        "--cache-size", str(args.cache_size), "--batch-window-ms", str(args.batch_window_ms),
+        "--cache-size", str(args.cache_size), "--images-per-thread", str(args.images_per_thread),
+        "--batch-window-ms", str(args.batch_window_ms),
         "--max-batch", str(args.max_batch), "--admin-token", ADMIN_TOKEN,
         "--device", args.device, *(["--amp", args.amp] if args.amp else []),
     ]  # fmt: skip
@@ -228,14 +230,15 @@ def main() -> None:
                     f"{url}/tasks", content=path.read_bytes(), headers=headers
                 ).raise_for_status()
             rows = [run_mix(url, args, mix, images) for mix in MIXES]
-    keys = ("backbone", "size", "cache_size", "batch_window_ms", "max_batch", "threads",
-            "device", "amp")  # fmt: skip
+    keys = ("backbone", "size", "cache_size", "images_per_thread", "batch_window_ms",
+            "max_batch", "threads", "device", "amp")  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     plain = plain_forward_ms(args)
     mix_ratio = round(rows[-1]["req_per_s"] / rows[0]["req_per_s"], 3)
     print(
         f"{args.backbone} at {args.size} px on {args.device} (amp {args.amp}), cache "
-        f"{args.cache_size}, window {args.batch_window_ms} ms; one image through the plain "
+        f"{args.cache_size}, {args.images_per_thread} images per thread, window "
+        f"{args.batch_window_ms} ms; one image through the plain "
         f"backbone: {plain} ms\n"
     )
     print(markdown_table(rows, COLUMNS))

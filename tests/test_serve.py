@@ -706,6 +706,29 @@ def test_batched_logits_equal_one_at_a_time(
     assert len(registry.cache.tasks) == min(cache_size, len(TASKS))
 
 
+@pytest.mark.parametrize(("images_per_thread", "threads"), [(2, [1, 2]), (4, [1, 2]), (0, [2, 2])])
+def test_small_task_groups_run_on_one_cpu_thread(
+    task_dir: Path, images_per_thread: int, threads: list[int]
+) -> None:
+    """A mixed batch of one image per task runs on one thread, a batch of 8 images of one
+    task on two (0: always all); torch's count is restored after."""
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    registry = TaskRegistry(
+        model, SPEC, task_dir, cache_size=0, images_per_thread=images_per_thread
+    )
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        images = torch.randn(8, 3, 16, 16)
+        registry.infer([Job(task, images[:1]) for task in TASKS])
+        registry.infer([Job("a", images)])
+        assert seen == threads and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_amp_runs_every_batch_under_autocast(task_dir: Path, reference: PiggybackModel) -> None:
     """--amp bf16: cached and masked batches run in bf16, and answer as the library does
     under the same autocast; fp16 on the CPU and unknown precisions are refused."""

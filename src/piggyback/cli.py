@@ -43,6 +43,11 @@ SERVE_LIMITS = (
     ("--batch-window-ms", "batch_window_ms", "how long a request waits to share its batch"),
     ("--max-batch", "max_batch", "images per batch and per request"),
     ("--cache-size", "cache_size", "tasks kept baked (0: none)"),
+    (
+        "--images-per-thread",
+        "images_per_thread",
+        "CPU: one thread per this many images of a task (0: all threads)",
+    ),
 )
 
 

@@ -62,6 +62,7 @@ def create_app(
         tasks_dir,
         size=size,
         cache_size=config.cache_size,
+        images_per_thread=config.images_per_thread,
         max_input_size=config.max_input_size,
         amp=config.amp,
     )

@@ -16,6 +16,14 @@ class ServeConfig:
     Batching: `batch_window_ms` is how long the first waiting request may wait for others
     to share its batch; `max_batch` caps the images in one forward pass (and in one
     request); `cache_size` is how many tasks are kept as baked plain models (0: none).
+    On the CPU a forward pass runs on one of torch's threads per `images_per_thread`
+    images of each task in it (at least one; 0: always all): a mix of tasks splits a
+    batch into groups of one or two images, whose threads spend more time waiting on
+    each other than working while the event loop, decoding the next requests, needs a
+    core (bench/serve.py, EfficientNet-Lite0 at 224 px on 2 cores, three runs each: a
+    20-task mix served 31.8-35.8 requests/s on both threads and 38.8-43.5 with 2, one task
+    44-58 either way). Where latency at low load matters more than throughput under
+    load, on many cores, 0 keeps every forward on all threads.
 
     Limits, because clients and task files are not trusted: `max_upload_mb` caps a request
     body; `max_input_size` caps the input size (px) a task may ask for, since every image
@@ -44,6 +52,7 @@ class ServeConfig:
     batch_window_ms: float = 5.0
     max_batch: int = 32
     cache_size: int = 4
+    images_per_thread: int = 2
     max_upload_mb: float = 16.0
     max_input_size: int = 512
     max_request_pixels: int = 50_000_000
@@ -64,6 +73,7 @@ class ServeConfig:
         for name, minimum in (
             ("max_batch", 1),
             ("cache_size", 0),
+            ("images_per_thread", 0),
             ("max_input_size", 1),
             ("max_request_pixels", 1),
         ):

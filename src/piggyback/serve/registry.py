@@ -21,7 +21,8 @@ import logging
 import tempfile
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,8 @@ class TaskRegistry:
 
     Each task is fed at `size` if given, else at the size its file records (what it was
     trained at), else at `spec.size`; never above `max_input_size`. Batches run on the
-    model's device, under autocast when `amp` is set. One lock guards the
+    model's device, under autocast when `amp` is set, on the CPU with one thread per
+    `images_per_thread` images of each task (see `ServeConfig`). One lock guards the
     model: batches and the quick install or removal of a task take turns, so a task never
     changes under a running batch. Reading, checking and decoding an upload (slow for a
     hostile file) happen outside it, while batches run; uploads and deletions take turns
@@ -164,6 +166,7 @@ class TaskRegistry:
         *,
         size: int | None = None,
         cache_size: int = 4,
+        images_per_thread: int = 2,
         max_input_size: int = 512,
         amp: Amp | None = None,
     ) -> None:
@@ -186,6 +189,7 @@ class TaskRegistry:
         self.max_input_size = max_input_size
         self.directory = Path(directory)
         self.cache = BakedCache(cache_size, model.bake)
+        self.images_per_thread = images_per_thread
         self.skipped: dict[str, str] = {}  # file name -> why it is not served
         self._entries: dict[str, TaskEntry] = {}
         self._lock = threading.Lock()  # the model: batches, installs, removals
@@ -264,7 +268,8 @@ class TaskRegistry:
                 groups.setdefault(key, []).append(i)
             for (module, _), indices in groups.items():
                 batch = torch.cat([jobs[i].images for i in indices]).to(self.device)
-                with autocast(self.device, self.amp):
+                per_task = len(batch) / len({jobs[i].task for i in indices})
+                with autocast(self.device, self.amp), self._threads(per_task):
                     if module is None:
                         names = [jobs[i].task for i in indices for _ in range(jobs[i].rows)]
                         logits = self.model(batch, task_names=names)
@@ -274,6 +279,23 @@ class TaskRegistry:
                 for i, part in zip(indices, parts, strict=True):
                     outcomes[i] = part[:, : self._entries[jobs[i].task].num_classes]
         return outcomes
+
+    @contextmanager
+    def _threads(self, images_per_task: float) -> Iterator[None]:
+        """On the CPU, torch's threads for the block: one per `images_per_thread` images
+        of each task, at least one, at most as many as it has."""
+        have = torch.get_num_threads()
+        wanted = have
+        if self.device.type == "cpu" and self.images_per_thread:
+            wanted = min(have, max(1, int(images_per_task // self.images_per_thread)))
+        if wanted == have:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(have)
 
     @torch.no_grad()
     def infer_tasks(
