@@ -193,20 +193,21 @@ class MaskedLayer(TaskModule):
         entry's, else (the cache being full) the least recently used entry's, if it fits
         the weight and no one else holds it (a fresh allocation costs more than the
         product); else new memory."""
+        weight = self.frozen
         if task in self._derived:
             held = self._derived.pop(task)[1]
         elif self._derived and len(self._derived) >= self.cache_size:
             held = self._derived.popitem(last=False)[1][1]
         else:
-            return torch.empty_like(self.frozen)
+            return torch.empty_like(weight)
         reusable = (
             sys.getrefcount(held) <= 2  # this frame's name and getrefcount's argument
             # torch refuses to write an inference tensor outside inference mode
             and not (held.is_inference() and not torch.is_inference_mode_enabled())
             and (held.shape, held.dtype, held.device, held.stride())
-            == (self.frozen.shape, self.frozen.dtype, self.frozen.device, self.frozen.stride())
+            == (weight.shape, weight.dtype, weight.device, weight.stride())
         )
-        return held if reusable else torch.empty_like(self.frozen)
+        return held if reusable else torch.empty_like(weight)
 
     def hold(self, task: str, weight: torch.Tensor) -> None:
         """Cache `weight` as `task`'s masked weight, derived from its current mask."""
