@@ -5,9 +5,10 @@ over every masked layer in the model's order: the layout of a task file's mask, 
 loaded task is its decoded bits, kept as they are. A layer's mask is the slice of bits
 from its `start`. Deriving a layer's masked weight reads its bits where they live (no
 host round trip) and never makes a float mask: on the CPU the weight's bits are
-multiplied as integers by the unpacked 0/1 bytes, a large layer's values split over
-torch's CPU threads; elsewhere `torch.where` selects with
-the bytes viewed as bool, after one unpack of the whole task for every layer.
+multiplied as integers by the unpacked 0/1 bytes, the values of every layer derived at
+once (`masks_into`) split in equal parts over torch's CPU threads; elsewhere
+`torch.where` selects with the bytes viewed as bool, after one unpack of the whole task
+for every layer.
 """
 
 from __future__ import annotations

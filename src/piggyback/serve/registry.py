@@ -2,13 +2,14 @@
 
 The backbone is held once, inside one `PiggybackModel`; each task adds its bit-packed
 mask (1-2 bits per masked weight) and its head. Running a task on the masked model
-costs a task switch (unpack the mask and form W * mask, layer by layer), which the
-masked layers cache for the last task only, so a mix of tasks would switch on nearly
-every batch. The hottest tasks are therefore also kept baked (`PiggybackModel.bake`: a
-plain copy of the backbone with W * mask in it), which runs at exactly the plain
-backbone's speed. Other tasks still run, through the masked model, in one mixed-task
-forward pass. Memory is about 2 + `cache_size` backbones' weights (the frozen one, the
-masked layers' cached W * mask, one per baked task) plus each task's mask and head.
+costs a task switch (unpack the mask and form W * mask), which the masked layers cache
+for the last task only (by default: `PiggybackModel.weight_cache_size`), so a mix of
+tasks would switch on nearly every batch. The hottest tasks are therefore also kept
+baked (`PiggybackModel.bake`: a plain copy of the backbone with W * mask in it), which
+runs at exactly the plain backbone's speed. Other tasks still run, through the masked
+model, in one mixed-task forward pass. Memory is about 2 + `cache_size` backbones'
+weights (the frozen one, the masked layers' cached W * mask, one per baked task) plus
+each task's mask and head.
 
 Task files are not trusted: a file that does not load at start-up is skipped (and listed
 in `skipped` with the reason) rather than stopping the server, and no task may ask for
