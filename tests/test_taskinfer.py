@@ -126,13 +126,15 @@ def test_features_rule_scores_each_task_on_its_own_pass(model: PiggybackModel) -
     calibrated(model)
     record = model.task_info["a"].metadata[CALIBRATION_KEY][FEATURES_KEY]
     assert record["classes"] == 3 and len(record["quantiles"]) == QUANTILES
-    assert [layer["name"] for layer in record["layers"]] == feature_layers(model)
+    assert [layer["name"] for layer in record["layers"]] == feature_layers(
+        list(model.masked_layers)
+    )
     assert model.task_info["b"].metadata[CALIBRATION_KEY][FEATURES_KEY]["classes"] == 1
     x = torch.cat([domain(2.0, 4), domain(-2.0, 4)])
     found = model.infer_task(x, threshold=0.0)
     assert found.rule == "features" and found.tasks == ["a"] * 4 + ["b"] * 4
     for column, task in enumerate(found.candidates):
-        layers = feature_layers(model)
+        layers = feature_layers(list(model.masked_layers))
         with torch.no_grad(), captured(model, layers) as seen:
             model.set_task(task)(x)
         own = {name: torch.cat(seen[name, task]) for name in layers}
@@ -140,6 +142,41 @@ def test_features_rule_scores_each_task_on_its_own_pass(model: PiggybackModel) -
         torch.testing.assert_close(found.candidate_scores[:, column], feature_score(stored, own))
     assert ((found.candidate_scores >= 0) & (found.candidate_scores <= 1)).all()
     assert model.infer_task(x, threshold=1.01).tasks == [None] * 8
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    ["torchvision vit_b_16", "torchvision swin_t", "nn.TransformerEncoder", "transformers vit"],
+)
+def test_features_are_read_at_layers_that_run(backbone: str) -> None:
+    """Layers whose parents read their weights without calling them (an attention's
+    out_proj or qkv) are never chosen; an output object's logits are read; the features
+    rule then infers the task."""
+    from test_any_backbone import BACKBONES
+
+    if backbone == "transformers vit":
+        pytest.importorskip("transformers")
+    build, make = BACKBONES[backbone]
+    torch.manual_seed(0)
+    model = PiggybackModel(build())
+    generator = torch.Generator().manual_seed(0)
+    batches = [make(generator) for _ in range(3)]
+    for task in ("a", "b"):
+        model.add_task(task, 3)
+        model.freeze_task(task)
+        calibrate_task(model, task, batches)
+    record = model.task_info["a"].metadata[CALIBRATION_KEY][FEATURES_KEY]
+    ran: list[str] = []
+    hooks = [
+        layer.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, layer in model.masked_layers.items()
+    ]
+    with torch.no_grad():
+        model.set_task("a")(batches[0])
+    for hook in hooks:
+        hook.remove()
+    assert [layer["name"] for layer in record["layers"]] == feature_layers(ran)
+    assert len(model.eval().infer_task(batches[0], threshold=0.0).tasks) == len(batches[0])
 
 
 def test_p_value_is_monotone_and_ranks_beyond_the_last_quantile() -> None:
@@ -213,6 +250,26 @@ def test_feature_statistics_of_a_layer_the_model_lacks_are_refused_when_loaded(
     write_task_file(path, meta, tensors)
     read_task_file(path)  # well formed
     with pytest.raises(BackboneMismatchError, match="no_such_layer"):
+        PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
+
+
+def test_feature_statistics_of_the_wrong_width_are_refused_when_loaded(
+    model: PiggybackModel, tmp_path: Path
+) -> None:
+    """A file whose statistics are well formed at a width the layer does not give (means
+    and directions re-encoded to match) is refused when loaded, not at inference."""
+    calibrated(model)
+    path = model.save_task("a", tmp_path / "a.safetensors")
+    meta, tensors = read_task_file(path)
+    record = meta["metadata"][CALIBRATION_KEY][FEATURES_KEY]
+    layer = record["layers"][0]
+    dim = layer["dim"] + 1
+    layer["dim"] = dim
+    layer["means"] = encode16(torch.zeros(record["classes"], dim))
+    layer["components"] = encode16(torch.zeros(len(layer["variances"]), dim))
+    write_task_file(path, meta, tensors)
+    read_task_file(path)  # well formed
+    with pytest.raises(BackboneMismatchError, match=f"hold {dim} features"):
         PiggybackModel(make_tiny(), MaskConfig(train_bn=True)).load_task(path)
 
 

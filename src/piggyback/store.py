@@ -406,16 +406,35 @@ def _check_feature_layers(
     path: str | Path, metadata: Mapping[str, Any], layers: list[tuple[str, tuple[int, ...]]]
 ) -> None:
     """The layers a task's feature statistics name (`piggyback.taskfeatures`) are masked
-    layers of the model: task inference runs every candidate at once, so a task reading
-    a layer the model lacks would fail the inference of every task."""
+    layers of the model, and each holds as many features as its layer gives: task
+    inference runs every candidate at once, so a task that does not fit would fail the
+    inference of every task."""
     calibration = metadata.get(CALIBRATION_KEY) or {}
-    named = [layer["name"] for layer in calibration.get(FEATURES_KEY, {}).get("layers", [])]
-    unknown = sorted(set(named) - {name for name, _ in layers})
+    records = calibration.get(FEATURES_KEY, {}).get("layers", [])
+    shapes = dict(layers)
+    unknown = sorted({record["name"] for record in records} - set(shapes))
     if unknown:
         raise BackboneMismatchError(
             f"{path}'s task-inference statistics read layers {unknown}, which this model "
             "does not mask: load it onto the model it was calibrated on"
         )
+    for record in records:
+        shape = shapes[record["name"]]
+        if record["dim"] not in _feature_dims(shape):
+            raise BackboneMismatchError(
+                f"{path}'s task-inference statistics hold {record['dim']} features for layer "
+                f"{record['name']!r}, whose weight {shape} gives {sorted(_feature_dims(shape))}: "
+                "load it onto the model it was calibrated on"
+            )
+
+
+def _feature_dims(shape: tuple[int, ...]) -> set[int]:
+    """The features a masked layer of weight `shape` can give, pooled: a convolution's or a
+    linear layer's outputs (its first dimension), or, for an attention's input projection
+    (3 x embed, embed), the embedding."""
+    if len(shape) == 2 and shape[0] == 3 * shape[1]:
+        return {shape[0], shape[1]}
+    return {shape[0]}
 
 
 def _check_state(

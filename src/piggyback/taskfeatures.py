@@ -5,8 +5,9 @@ Seen through a task's mask, images of the task's own domain give activations of 
 own kind; an image of another domain gives others, even where the task's output is sure
 of it (a network masked for digits is as sure of a Fashion-MNIST image as of a digit).
 So a task keeps, for a few of its masked layers (those at FEATURE_DEPTHS of the masked
-layers' order: middle layers told domains apart best on bench/task_inference.py, the
-head's input worst), how its validation images' outputs lie: each output pooled over
+layers that run as modules, in the order they run: middle layers told domains apart
+best on bench/task_inference.py, the head's input worst), how its validation images'
+outputs lie: each output pooled over
 positions and scaled to unit length, one Gaussian per class with a covariance shared by
 the classes (Lee et al. 2018, the Mahalanobis distance to the nearest class mean, over
 several layers). The covariance is shrunk towards a multiple of the identity and kept as
@@ -49,13 +50,61 @@ _EPS = 1e-8  # least variance and distance (features are unit length)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def feature_layers(model: PiggybackModel) -> list[str]:
-    """The masked layers a task's features are read at: those at FEATURE_DEPTHS."""
-    names = list(model.masked_layers)
-    if not names:
-        raise ConfigError("the model masks no layer, so it has no features to compare")
-    picked = [names[round(depth * (len(names) - 1))] for depth in FEATURE_DEPTHS]
+def feature_layers(ran: Sequence[str]) -> list[str]:
+    """The masked layers a task's features are read at: those at FEATURE_DEPTHS of the
+    masked layers that run (`ran`, in the order they ran)."""
+    if not ran:
+        raise ConfigError(
+            "no masked layer of the model ran as a module (its parents read their weights "
+            "directly), so the task has no features to compare; use rule='entropy'"
+        )
+    picked = [ran[round(depth * (len(ran) - 1))] for depth in FEATURE_DEPTHS]
     return list(dict.fromkeys(picked))
+
+
+@contextmanager
+def running_features(
+    model: PiggybackModel, task: str
+) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+    """While the block runs `task`, the pooled outputs of its masked layers at
+    FEATURE_DEPTHS of those that run as modules (a parent may read a layer's weight
+    without calling it, as nn.MultiheadAttention does its out_proj's): the first forward
+    pools every masked layer that runs, and once a layer runs again (the next forward)
+    only the chosen ones. Yields a function that gives them, layer by layer, after the
+    block (none if no masked layer ran as a module)."""
+    order: list[str] = []  # the masked layers the first forward ran, in order
+    kept: dict[str, list[torch.Tensor]] = {}
+    chosen: list[str] = []
+
+    def choose() -> None:
+        chosen.extend(feature_layers(order) if order else [])
+        for name in set(kept) - set(chosen):
+            del kept[name]
+
+    def keep(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+            if module.active_task != task:
+                return
+            if not chosen and name in kept:
+                choose()
+            if not chosen:
+                order.append(name)
+                kept[name] = []
+            if name in kept:
+                kept[name].append(pooled(output, module))
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(keep(name)) for name, layer in model.masked_layers.items()
+    ]
+    try:
+        yield lambda: {name: torch.cat(kept[name]) for name in chosen}
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not chosen:
+        choose()
 
 
 def pooled(output: Any, layer: nn.Module) -> torch.Tensor:

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError
-from .taskfeatures import captured, feature_layers, feature_record, feature_score
+from .mixed import logits_of
+from .taskfeatures import captured, feature_record, feature_score, running_features
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
@@ -214,7 +215,7 @@ def calibrate_task(
         try:
             for batch in batches:
                 labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-                observe(model(_images(batch).to(device)), labels)
+                observe(logits_of(model(_images(batch).to(device))), labels)
         finally:
             model.set_task(active)
     return model.task_info[task].metadata[CALIBRATION_KEY]
@@ -228,7 +229,6 @@ def calibrating(
     block runs on its own validation images, such as a final validation pass: the block
     calls the function it is given with each batch's logits and labels (None: no
     per-class statistics). The record is stored when the block ends without error."""
-    layers = feature_layers(model)
     entropies: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
 
@@ -237,13 +237,14 @@ def calibrating(
         if batch_labels is not None:
             labels.append(torch.as_tensor(batch_labels).reshape(-1).cpu())
 
-    with captured(model, layers) as seen:
+    with running_features(model, task) as seen:
         yield observe
     record = calibration(torch.cat(entropies) if entropies else torch.empty(0))
-    features = {name: value.cpu() for name, value in _features_of(seen, layers, task).items()}
-    by_class = torch.cat(labels) if labels and len(labels) == len(entropies) else None
-    classes = model.task_info[task].num_classes
-    record[FEATURES_KEY] = feature_record(features, by_class, classes)
+    features = {name: value.cpu() for name, value in seen().items()}
+    if features:  # else (no masked layer ran as a module) the rules on the output only
+        by_class = torch.cat(labels) if labels and len(labels) == len(entropies) else None
+        classes = model.task_info[task].num_classes
+        record[FEATURES_KEY] = feature_record(features, by_class, classes)
     model.task_info[task].metadata[CALIBRATION_KEY] = record
 
 
