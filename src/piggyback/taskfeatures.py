@@ -69,33 +69,33 @@ def running_features(
     """While the block runs `task`, the pooled outputs of its masked layers at
     FEATURE_DEPTHS of those that run as modules (a parent may read a layer's weight
     without calling it, as nn.MultiheadAttention does its out_proj's): the first forward
-    pools every masked layer that runs, and once a layer runs again (the next forward)
-    only the chosen ones. Yields a function that gives them, layer by layer, after the
-    block (none if no masked layer ran as a module)."""
+    of the model pools every masked layer that runs, later ones only the chosen. Yields a
+    function that gives them, layer by layer, after the block (none if no masked layer
+    ran as a module)."""
     order: list[str] = []  # the masked layers the first forward ran, in order
     kept: dict[str, list[torch.Tensor]] = {}
     chosen: list[str] = []
 
-    def choose() -> None:
-        chosen.extend(feature_layers(order) if order else [])
-        for name in set(kept) - set(chosen):
-            del kept[name]
+    def choose(*_: Any) -> None:
+        if order and not chosen:
+            chosen.extend(feature_layers(list(dict.fromkeys(order))))
+            for name in set(kept) - set(chosen):
+                del kept[name]
 
     def keep(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, _args: Any, output: Any) -> None:
             if module.active_task != task:
                 return
-            if not chosen and name in kept:
-                choose()
             if not chosen:
                 order.append(name)
-                kept[name] = []
+                kept.setdefault(name, [])
             if name in kept:
                 kept[name].append(pooled(output, module))
 
         return hook
 
-    handles = [
+    handles = [model.register_forward_pre_hook(choose)]  # a second forward: choose
+    handles += [
         layer.register_forward_hook(keep(name)) for name, layer in model.masked_layers.items()
     ]
     try:
@@ -103,8 +103,7 @@ def running_features(
     finally:
         for handle in handles:
             handle.remove()
-    if not chosen:
-        choose()
+    choose()
 
 
 def pooled(output: Any, layer: nn.Module) -> torch.Tensor:
