@@ -91,7 +91,7 @@ class MaskBank(nn.Module):
 
     def unpacks_at_once(self, task: str) -> bool:
         """Whether `keep_all` serves `task`: a stored binary task off the CPU (on the CPU
-        each layer unpacks its own bits into its product, `masked_into`)."""
+        each chunk of values unpacks its own bits into its product, `masks_into`)."""
         return (
             task in self.kinds
             and self.kinds[task] == "binary"

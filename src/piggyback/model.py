@@ -635,12 +635,16 @@ class PiggybackModel(nn.Module):
         """Derive every layer's stale W * mask for a stored `task` now, as the first forward
         of it without autograd does (a server warms a task this way). All layers at once
         (`bank.masks_into`): layers would otherwise derive their own as the forward
-        reaches them, each alone. Does nothing under autograd or for a training task."""
+        reaches them, each alone. Does nothing under autograd, for a training task, or
+        when the first masked layer holds the task's current weight (the common case in
+        a forward: the task is derived; any other stale layer derives its own as the
+        forward reaches it, each layer checking again)."""
         if task is None or torch.is_grad_enabled() or task not in self.bank:
             return
-        stale = [layer for layer in self.masked_layers.values() if layer.is_stale(task)]
-        if not stale:
+        layers = list(self.masked_layers.values())
+        if not layers or not layers[0].is_stale(task):
             return
+        stale = [layer for layer in layers if layer.is_stale(task)]
         claimed = [(layer, layer.claim(task)) for layer in stale]
         masks_into(self.bank, task, [(layer.frozen, layer.start, out) for layer, out in claimed])
         for layer, out in claimed:

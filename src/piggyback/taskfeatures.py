@@ -52,13 +52,8 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def feature_layers(ran: Sequence[str]) -> list[str]:
     """The masked layers a task's features are read at: those at FEATURE_DEPTHS of the
-    masked layers that run (`ran`, in the order they ran)."""
-    if not ran:
-        raise ConfigError(
-            "no masked layer of the model ran as a module (its parents read their weights "
-            "directly), so the task has no features to compare; use rule='entropy'"
-        )
-    picked = [ran[round(depth * (len(ran) - 1))] for depth in FEATURE_DEPTHS]
+    masked layers that run (`ran`, in the order they ran; none if none ran)."""
+    picked = [ran[round(depth * (len(ran) - 1))] for depth in FEATURE_DEPTHS if ran]
     return list(dict.fromkeys(picked))
 
 
@@ -76,8 +71,8 @@ def running_features(
     kept: dict[str, list[torch.Tensor]] = {}
     chosen: list[str] = []
 
-    def choose(*_: Any) -> None:
-        if order and not chosen:
+    def choose(*_: Any) -> None:  # before each forward (the first: nothing ran yet), and after
+        if not chosen:
             chosen.extend(feature_layers(list(dict.fromkeys(order))))
             for name in set(kept) - set(chosen):
                 del kept[name]
