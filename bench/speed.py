@@ -116,6 +116,15 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def held_bytes(device: torch.device) -> int:
+    """What this process holds where the tasks live: torch's allocated memory on a GPU
+    (the tasks' bits, heads and norms are there), the resident set on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
 def release_free_memory() -> None:
     """Hand the memory that malloc holds free back to the system (glibc), so that the
     resident set grows with what is allocated next."""
@@ -398,8 +407,10 @@ def resident_memory(
 ) -> dict[str, Any]:
     """What N tasks loaded from task files (as a server holds them; default recipe: each
     with its own norm layers) add beside the backbone: their tensors' bytes, and the
-    growth of the process's resident set against the issue's budget N x (bits/8 x
-    masked weights + head + norms)."""
+    growth of what the process holds where they live (`held_bytes`: the resident set, or
+    the GPU's allocated memory) against the issue's budget N x (bits/8 x masked weights
+    + head + norms)."""
+    device = next(model.parameters()).device
     backbone_bytes = sum(t.numel() * t.element_size() for t in model.base.state_dict().values())
     masked = sum(layer.frozen.numel() for layer in model.masked_layers.values())
     row: dict[str, Any] = {"backbone_mb": backbone_bytes / 2**20}
@@ -411,12 +422,12 @@ def resident_memory(
         model.remove_task("resident")
         gc.collect()
         release_free_memory()  # else the tasks fill what the parts before freed, unseen
-        before, added = rss_bytes(), 0
+        before, added = held_bytes(device), 0
         for count in sorted(counts):
             while added < count:
                 model.load_task(path, name=f"resident{added}")
                 added += 1
-            grown = rss_bytes() - before
+            grown = held_bytes(device) - before
             held = sum(bytes_by_task(model, {f"resident{i}" for i in range(count)}).values())
             row[f"tasks{count}_mb"] = held / 2**20
             row[f"tasks{count}_rss_mb"] = grown / 2**20

@@ -83,18 +83,24 @@ def test_masked_weights_equal_the_old_path_bit_for_bit(
         start += weight.numel()
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    ("device", "threads"), [("cpu", 1), ("cpu", 3), pytest.param("cuda", 1, marks=CUDA)]
+)
 def test_all_layers_at_once_equal_the_old_path_bit_for_bit(
-    kind: str, dtype: torch.dtype, threads: int
+    kind: str, dtype: torch.dtype, device: str, threads: int
 ) -> None:
     """masks_into: every layer of a task in one go, the values end to end split over
-    threads (parts begin and end inside layers), each written into its own tensor."""
+    threads (parts begin and end inside layers), each written into its own tensor; on a
+    GPU from one unpack of the whole task."""
     masks = random_masks(SHAPES, kind, seed=2)
     bank = MaskBank([m.numel() for m in masks])
-    bank.store("t", masks, kind, torch.device("cpu"))
-    weights = [awkward_weight(shape, dtype, seed=i) for i, shape in enumerate(SHAPES)]
+    bank.store("t", masks, kind, torch.device(device))
+    weights = [awkward_weight(shape, dtype, seed=i).to(device) for i, shape in enumerate(SHAPES)]
     starts = [0, *itertools.accumulate(w.numel() for w in weights)][:-1]
     outs = [torch.full_like(w, 7.0) for w in weights]
     before = torch.get_num_threads()
@@ -104,7 +110,8 @@ def test_all_layers_at_once_equal_the_old_path_bit_for_bit(
     finally:
         torch.set_num_threads(before)
     for weight, mask, out in zip(weights, masks, outs, strict=True):
-        assert same_bits(out, old_masked_weight(weight, mask, kind))
+        assert out.device.type == device
+        assert same_bits(out, old_masked_weight(weight, mask.to(device), kind))
 
 
 def stored_model(kind: str = "binary") -> tuple[PiggybackModel, dict[str, dict]]:
@@ -134,8 +141,14 @@ def reference_forward(
 
 
 @pytest.mark.parametrize("kind", ["binary", "ternary"])
-def test_switching_tasks_gives_the_old_outputs_bit_for_bit(kind: str, images: torch.Tensor) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_switching_tasks_gives_the_old_outputs_bit_for_bit(
+    kind: str, device: str, images: torch.Tensor
+) -> None:
     model, masks = stored_model(kind)
+    model.to(device)
+    images = images.to(device)
+    masks = {t: {n: m.to(device) for n, m in layers.items()} for t, layers in masks.items()}
     expected = {t: reference_forward(model, t, masks[t], kind, images) for t in masks}
     with torch.no_grad():
         for task in ("a", "b", "a", "c", "c", "b"):  # re-derived in reused memory each switch

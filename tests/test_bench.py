@@ -102,3 +102,13 @@ def test_profile_step_bench(tmp_path: Path) -> None:
         assert ops[-1]["op"] == "(all)" and len(ops) == 6  # the top 5 and the total
         assert sum(row["ms per step"] for row in ops[:-1]) <= ops[-1]["ms per step"]
     assert any("convolution" in row["op"] for row in rows)
+
+
+@pytest.mark.slow
+def test_profile_forward_bench(tmp_path: Path) -> None:
+    payload = run_bench("profile_forward", tmp_path)
+    for name in ("plain", "after_switch"):
+        ops = [row for row in payload["results"] if row["forward"] == name]
+        assert ops[-1]["op"] == "(all)" and 1 < len(ops) <= 6  # the top 5 and the total
+        assert sum(row["host ms"] for row in ops[:-1]) <= ops[-1]["host ms"]
+    assert payload["ratio"] == payload["wall_s"]["after_switch"] / payload["wall_s"]["plain"]
