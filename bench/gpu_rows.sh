@@ -16,6 +16,7 @@ amp=(--device "${DEVICE:-cuda}" --amp bf16)  # DEVICE=cpu: a dry run of the comm
 step() {  # step NAME SECONDS COMMAND...: run it, log it, bundle everything so far
     local name=$1 limit=$2 began=$SECONDS
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="a b": those
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" >"$rows/$name.log" 2>&1
     echo "-- $name: exit $? after $((SECONDS - began))s"
@@ -25,13 +26,16 @@ step() {  # step NAME SECONDS COMMAND...: run it, log it, bundle everything so f
 
 step machine 30 bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__,
     torch.cuda.get_device_name())"'
-step cuda-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bits.py
+step cuda-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bits.py \
+    tests/test_functional.py
 # issue 18: switch, re-derived forward, mixed batches, resident tasks (batch 64)
 step speed-b64 240 python3 bench/speed.py "${amp[@]}" --batch 64 --repeat 15 \
     --parts inference tasks --models resnet50 efficientnet_lite0 \
     --resident-models efficientnet_lite0 --out "$rows/speed-cuda-b64.json"
 step profile-forward-resnet50 60 python3 bench/profile_forward.py "${amp[@]}" --batch 64 \
     --model resnet50 --out "$rows/profile_forward-cuda-resnet50.json"
+step profile-load-resnet50 60 python3 bench/profile_load.py --device "${DEVICE:-cuda}" --model resnet50 \
+    --out "$rows/profile_load-cuda-resnet50.json"
 step profile-forward-lite0 60 python3 bench/profile_forward.py "${amp[@]}" --batch 64 \
     --model efficientnet_lite0 --out "$rows/profile_forward-cuda-lite0.json"
 # issue 17: the mask step against a fine-tuning step
@@ -42,9 +46,11 @@ step profile-step-resnet50 60 python3 bench/profile_step.py "${amp[@]}" --batch 
 step profile-step-lite0 60 python3 bench/profile_step.py "${amp[@]}" --batch 64 \
     --model efficientnet_lite0 --steps 5 --out "$rows/profile_step-cuda-lite0.json"
 # issue 17: whole runs, where their time goes, and the loaders' data wait
-step train-cost 300 python3 bench/train_cost.py "${amp[@]}" --size 224 --limit 2000 \
-    --epochs 3 --methods piggyback finetune --loaders default per-item \
-    --out "$rows/train_cost-cuda.json"
+step train-cost 200 python3 bench/train_cost.py "${amp[@]}" --size 224 --limit 2000 \
+    --epochs 3 --methods piggyback finetune --out "$rows/train_cost-cuda.json"
+step data-wait 200 python3 bench/train_cost.py "${amp[@]}" --size 224 --limit 2000 \
+    --epochs 3 --methods piggyback --loaders per-item default \
+    --out "$rows/train_cost-cuda-loaders.json"
 # issue 18: mixed batches at batch 16; the server on the GPU
 step speed-b16 120 python3 bench/speed.py "${amp[@]}" --batch 16 --repeat 15 --parts tasks \
     --models resnet50 efficientnet_lite0 --resident-models --out "$rows/speed-cuda-b16.json"

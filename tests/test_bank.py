@@ -155,7 +155,63 @@ def test_switching_tasks_gives_the_old_outputs_bit_for_bit(
             assert same_bits(model.set_task(task)(images), expected[task])
 
 
-def test_a_switch_reuses_the_cached_weights_memory_unless_someone_holds_it() -> None:
+@pytest.fixture
+def one_select(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The accelerators' switch (every layer in one select, `flatweights`) on the CPU:
+    a list of the tasks each select derived."""
+    selected: list[str] = []
+    select = MaskBank.select_all
+
+    def counted(self: MaskBank, task: str, weights: torch.Tensor, out: torch.Tensor) -> None:
+        selected.append(task)
+        select(self, task, weights, out)
+
+    monkeypatch.setattr(MaskBank, "unpacks_at_once", lambda self, t: self.kinds[t] == "binary")
+    monkeypatch.setattr(MaskBank, "select_all", counted)
+    return selected
+
+
+@pytest.mark.parametrize("cache", [1, 2])
+def test_one_select_for_every_layer_gives_the_old_outputs_bit_for_bit(
+    one_select: list[str], cache: int, images: torch.Tensor
+) -> None:
+    model, masks = stored_model()
+    model.weight_cache_size = cache
+    expected = {t: reference_forward(model, t, masks[t], "binary", images) for t in masks}
+    order = ("a", "b", "a", "c", "c", "b", "a")
+    with torch.no_grad():
+        for task in order:
+            assert same_bits(model.set_task(task)(images), expected[task])
+    # one select per derivation: each switch with one task cached; with two, the LRU's
+    assert one_select == (
+        ["a", "b", "a", "c", "b", "a"] if cache == 1 else ["a", "b", "c", "b", "a"]
+    )
+
+
+def test_one_select_writes_into_the_last_tasks_memory_unless_someone_holds_it(
+    one_select: list[str],
+) -> None:
+    model, _ = stored_model()
+    layers = list(model.masked_layers.values())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        model.set_task("a")(x)
+        pointers = [layer.weight.data_ptr() for layer in layers]
+        model.set_task("b")(x)
+        assert [layer.weight.data_ptr() for layer in layers] == pointers  # no allocation
+        kept = layers[1].weight
+        before = kept.clone()
+        model.set_task("c")(x)
+        assert torch.equal(kept, before) and layers[1].weight.data_ptr() != kept.data_ptr()
+    assert one_select == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("path", ["per-layer", "one-select"])
+def test_a_switch_reuses_the_cached_weights_memory_unless_someone_holds_it(
+    path: str, request: pytest.FixtureRequest
+) -> None:
+    if path == "one-select":
+        request.getfixturevalue("one_select")
     model, _ = stored_model()
     layer = model.masked_layers["stem"]
     with torch.no_grad():

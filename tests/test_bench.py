@@ -105,9 +105,17 @@ def test_profile_step_bench(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_profile_load_bench(tmp_path: Path) -> None:
+    rows = run_bench("profile_load", tmp_path)["results"]
+    assert len(rows) == 8 and rows[0]["calls"] == 1  # the top 8; one load profiled
+    assert any("load_task" in row["function"] for row in rows)
+    assert all(row["own ms"] <= row["cumulative ms"] + 1e-9 for row in rows)
+
+
+@pytest.mark.slow
 def test_profile_forward_bench(tmp_path: Path) -> None:
     payload = run_bench("profile_forward", tmp_path)
-    for name in ("plain", "after_switch"):
+    for name in ("plain", "cached", "after_switch"):
         ops = [row for row in payload["results"] if row["forward"] == name]
         assert ops[-1]["op"] == "(all)" and 1 < len(ops) <= 6  # the top 5 and the total
         assert sum(row["host ms"] for row in ops[:-1]) <= ops[-1]["host ms"]

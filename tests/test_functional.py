@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from piggyback.functional import init_scores, threshold_scores
+from piggyback.functional import init_scores, mask_weight, threshold_scores
 
 
 def test_binarizer_values() -> None:
@@ -34,6 +34,36 @@ def test_score_gradient_is_masked_weight_gradient_times_weight(fn: str) -> None:
     masked = (weight * mask.detach()).requires_grad_()
     F.mse_loss(F.conv2d(x, masked), target).backward()
     torch.testing.assert_close(scores.grad, masked.grad * weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn", ["binarizer", "ternarizer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_weight_gives_what_weight_times_the_thresholded_mask_gives(
+    fn: str, dtype: torch.dtype
+) -> None:
+    """The fused binary path (one select, one autograd node) against the composition it
+    replaces: the same layer output and the same score gradient, bit for bit; and with
+    autograd off, the same values written into `out`."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 3, 3, 3, generator=gen).to(dtype)
+    scores = torch.rand(6, 3, 3, 3, generator=gen) * 0.04 - 0.01
+    x = torch.randn(2, 3, 5, 5, generator=gen).to(dtype)
+
+    def output_and_grad(masked_of: object) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = scores.clone().requires_grad_()
+        out = F.conv2d(x, masked_of(leaf))
+        out.float().square().sum().backward()
+        return out.detach(), leaf.grad
+
+    old = output_and_grad(lambda s: weight * threshold_scores(s, 5e-3, fn).to(dtype))
+    new = output_and_grad(lambda s: mask_weight(weight, s, 5e-3, fn))
+    assert new[1].dtype == torch.float32
+    for got, expected in zip(new, old, strict=True):
+        assert torch.equal(got, expected)
+    written = torch.full_like(weight, 7.0)
+    with torch.no_grad():
+        assert mask_weight(weight, scores, 5e-3, fn, out=written) is written
+    assert torch.equal(written, weight * threshold_scores(scores, 5e-3, fn).to(dtype))
 
 
 def test_inits() -> None:

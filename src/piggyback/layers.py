@@ -22,7 +22,7 @@ from .bank import MaskBank, masked_into
 from .bits import MaskKind
 from .config import MaskConfig
 from .errors import ConfigError, UnknownTaskError
-from .functional import MASK_KINDS, init_scores, threshold_scores
+from .functional import MASK_KINDS, init_scores, mask_weight, threshold_scores
 from .normbank import NormBank
 
 # The parameter each maskable type multiplies by its mask. nn.MultiheadAttention keeps its
@@ -119,7 +119,13 @@ class MaskedLayer(TaskModule):
     @property
     def frozen(self) -> torch.Tensor:
         """The backbone's own weight, never masked and never trained."""
-        return getattr(self.base_layer, self.parameter)
+        return self._modules["base_layer"]._parameters[self.parameter]
+
+    def _scores(self, task: str) -> nn.Parameter | None:
+        """`task`'s trainable scores (None for a stored task). This and `frozen` read the
+        dicts directly: every forward of every layer asks, and nn.Module's attribute
+        lookup behind two __getattr__ overrides costs more than the op it feeds."""
+        return self._modules["scores"]._parameters.get(task)
 
     def __getattr__(self, name: str) -> Any:
         if name == self.__dict__.get("parameter"):
@@ -214,20 +220,20 @@ class MaskedLayer(TaskModule):
         self._derived[task] = (self._cache_key(task), weight)
 
     def _cache_key(self, task: str) -> tuple:
-        if task in self.scores:
-            source = self.scores[task]
-        elif task in self.kinds and self.bank is not None:
+        source = self._scores(task)
+        if source is None:
+            if task not in self.kinds or self.bank is None:
+                raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
             source = self.bank.packed(task)
-        else:
-            raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
         weight = self.frozen
         return (task, id(source), source._version, weight.device, weight.dtype)
 
     def _apply_mask(self, task: str, out: torch.Tensor | None) -> torch.Tensor:
         """W * mask, into `out` when given; a stored mask is never made a float tensor."""
-        weight = self.frozen
-        if task in self.scores:
-            return torch.mul(weight, self.mask(task).to(weight.dtype), out=out)
+        weight, scores = self.frozen, self._scores(task)
+        if scores is not None:
+            config = self.config
+            return mask_weight(weight, scores, config.threshold, config.threshold_fn, out)
         if task not in self.kinds or self.bank is None:
             raise UnknownTaskError(f"layer has no task {task!r}; it holds {self.tasks}")
         return masked_into(weight, self.bank, task, self.start, out)
@@ -254,7 +260,7 @@ class MaskedLayer(TaskModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base layer's own computation with the active task's masked weight."""
         weight = self.masked_weight(self.active_task)
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if type(base) is nn.Linear and len(args) == 1 and not kwargs:
             return F.linear(args[0], weight, base.bias)
         if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and len(args) == 1 and not kwargs:

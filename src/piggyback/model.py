@@ -16,6 +16,7 @@ from .bank import MaskBank, masks_into
 from .bits import MaskKind, bits_per_value, empirical_entropy_bits, pack_mask
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileNotFoundError, UnknownTaskError
+from .flatweights import FlatWeights, can_join, joined, split_into
 from .layers import NORM_TYPES, MaskedLayer, TaskHead, TaskModule, TaskNorm
 from .mixed import assemble, batch_size, first_tensor, logits_of, slice_rows, take_rows
 from .normbank import NormBank
@@ -158,6 +159,7 @@ class PiggybackModel(nn.Module):
         self.task_info: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
         self._fits: ModelShape | None = None
+        self._flat_weights = FlatWeights()  # the masked weights end to end, on a GPU
 
     # ----------------------------------------------------------------- tasks
     @property
@@ -455,7 +457,15 @@ class PiggybackModel(nn.Module):
         super().train(mode)
         for layer in self.masked_layers.values():
             layer.clear_cache(release=mode)
+        if mode:
+            self._flat_weights.clear()
         return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PiggybackModel:
+        """As nn.Module's (`.to`, `.half`...); the flat copy of the masked weights is made
+        again from the moved weights when next needed, not left on the old device."""
+        self._flat_weights.clear()
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ unwrapping
     def bake(self, task: str | None = None) -> nn.Module:
@@ -646,9 +656,28 @@ class PiggybackModel(nn.Module):
             return
         stale = [layer for layer in layers if layer.is_stale(task)]
         claimed = [(layer, layer.claim(task)) for layer in stale]
-        masks_into(self.bank, task, [(layer.frozen, layer.start, out) for layer, out in claimed])
-        for layer, out in claimed:
+        weights = [layer.frozen for layer in stale]
+        outs = [out for _, out in claimed]
+        if len(stale) == len(layers) and self.bank.unpacks_at_once(task) and can_join(weights):
+            outs = self._select_all(task, weights, outs)
+        else:
+            masks_into(self.bank, task, [(w, layer.start, out) for w, (layer, out) in
+                                         zip(weights, claimed, strict=True)])  # fmt: skip
+        for layer, out in zip(stale, outs, strict=True):
             layer.hold(task, out)
+
+    def _select_all(
+        self, task: str, weights: list[torch.Tensor], outs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Every layer's W * mask in one select (`flatweights`), written into the flat
+        tensor the claimed memory is slices of, else into a new one; its slices."""
+        total = self.bank.numel
+        flat = joined(outs, total)
+        if flat is None:
+            flat = torch.empty(total, dtype=weights[0].dtype, device=weights[0].device)
+            outs = split_into(flat, weights)
+        self.bank.select_all(task, self._flat_weights.of(weights), flat)
+        return outs
 
     def _check_task(self, name: str) -> None:
         if name not in self.task_info:

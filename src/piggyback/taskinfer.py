@@ -203,12 +203,15 @@ def calibrate_task(
     model: PiggybackModel,
     task: str,
     batches: Iterable[Any],
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Store in `task`'s metadata what its own validation `batches` (images, or (images,
     labels) pairs) look like to it: how sure it is of them (what rule="calibrated"
     compares inputs with) and the statistics of their features (rule="features",
-    `piggyback.taskfeatures`; per class where labels are given). Returns the record."""
+    `piggyback.taskfeatures`; per class where labels are given). Returns the record.
+    Batches go to `device` (default: the model's)."""
+    if device is None:
+        device = next(model.parameters()).device
     active = model.active_task
     with _evaluating(model), calibrating(model, task) as observe:
         model.set_task(task)

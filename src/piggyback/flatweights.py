@@ -1,0 +1,74 @@
+"""Every masked layer of a stored binary task derived in one select, on an accelerator.
+
+A switch derives each masked layer's W * mask. On a GPU, layer by layer, that is one
+select per layer (53 for ResNet-50), and launching each costs more host time than the
+GPU takes to run it: the switch is the launches. Here the masked layers' weights are
+kept end to end in one tensor (`FlatWeights`: a second copy of them on the device, 94 MB
+for ResNet-50 in fp32), the task's bits are unpacked at once, and one `torch.where`
+writes every layer's W * mask into one tensor whose slices are the layers' cached
+weights (`joined` finds that tensor again at the next switch, so its memory is reused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class FlatWeights:
+    """The masked layers' frozen weights end to end in one tensor, made on first use and
+    again whenever one of them moved or changed (its storage or version differs)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._flat: torch.Tensor | None = None
+
+    def of(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if self._flat is None or key != self._key:
+            self._flat = None  # free the old copy before making the new one
+            self._flat = torch.cat([w.detach().reshape(-1) for w in weights])
+            self._key = key
+        return self._flat
+
+    def clear(self) -> None:
+        self._key = self._flat = None
+
+
+def can_join(weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the weights can be derived as one flat tensor: one dtype, one device, each
+    contiguous (a channels-last weight keeps its layout, layer by layer)."""
+    first = weights[0]
+    return all(
+        w.dtype == first.dtype and w.device == first.device and w.is_contiguous() for w in weights
+    )
+
+
+def joined(parts: Sequence[torch.Tensor], total: int) -> torch.Tensor | None:
+    """The flat tensor of `total` values whose consecutive slices `parts` are, in order
+    from its start (what `split_into` made), or None when they are not."""
+    first = parts[0]
+    storage = first.untyped_storage()
+    if storage.nbytes() < total * first.element_size():
+        return None
+    offset = 0
+    for part in parts:
+        same_storage = part.untyped_storage().data_ptr() == storage.data_ptr()
+        if not (same_storage and part.storage_offset() == offset and part.is_contiguous()):
+            return None
+        if part.dtype != first.dtype:
+            return None
+        offset += part.numel()
+    if offset != total:
+        return None
+    return first.as_strided((total,), (1,), 0)
+
+
+def split_into(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` as consecutive views shaped like the tensors of `like`."""
+    views, offset = [], 0
+    for tensor in like:
+        views.append(flat[offset : offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+    return views
