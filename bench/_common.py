@@ -82,6 +82,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def write_run(args: Any, payload: dict[str, Any]) -> None:
+    """Write a script's results to `args.out` with its settings (every argument but the
+    path), and say where."""
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    print(f"\nwrote {write_results(args.out, {'settings': settings, **payload})}")
+
+
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write the JSON result atomically, with the hardware and the command that made it."""
     import sys

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import interleaved_seconds, markdown_table, sync, write_results
+from _common import interleaved_seconds, markdown_table, sync, write_run
 from speed import BUILDERS, autocast, build, random_masks
 from torch.profiler import ProfilerActivity, profile
 
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ratio = wall["after_switch"] / wall["plain"]
     each = ", ".join(f"{name} {1000 * seconds:.2f}" for name, seconds in wall.items())
     print(f"\nwall ms per forward: {each}; after_switch / plain {ratio:.2f}")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    payload = {"settings": settings, "wall_s": wall, "ratio": ratio, "results": rows}
-    print(f"\nwrote {write_results(args.out, payload)}")
+    write_run(args, {"wall_s": wall, "ratio": ratio, "results": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import markdown_table, sync, write_results
+from _common import markdown_table, sync, write_run
 from speed import BUILDERS, build, derive_all, random_masks
 
 from piggyback import PiggybackModel
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         args.size, args.loads, args.top = 32, 1, 8
     table = rows(profiled_loads(args), args.loads, args.top)
     print(markdown_table(table, list(table[0])))
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    print(f"\nwrote {write_results(args.out, {'settings': settings, 'results': table})}")
+    write_run(args, {"results": table})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 from typing import Any
 
 import torch
-from _common import markdown_table, sync, write_results
+from _common import markdown_table, sync, write_run
 from speed import BUILDERS, train_step_fn, training_setup
 from torch.profiler import ProfilerActivity, profile
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         args.size, args.batch, args.steps, args.top = 32, 2, 1, 5
     rows = [row for method in ("finetune", "mask") for row in top_ops(method, args)]
     print(markdown_table(rows, list(rows[0])))
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    print(f"\nwrote {write_results(args.out, {'settings': settings, 'results': rows})}")
+    write_run(args, {"results": rows})
 
 
 if __name__ == "__main__":

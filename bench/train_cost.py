@@ -37,7 +37,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from _common import markdown_table, sync, write_results
+from _common import markdown_table, sync, write_run
 from accuracy import VARIANTS
 
 from piggyback import MaskConfig, PiggybackModel, train
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     table = ratios(best) if "finetune" in args.methods else []
     if table:
         print(f"\nagainst fine-tuning:\n\n{markdown_table(table, list(table[0]))}")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    payload = {"settings": settings, "results": best, "ratios": table, "runs": runs}
-    print(f"\nwrote {write_results(args.out, payload)}")
+    write_run(args, {"results": best, "ratios": table, "runs": runs})
 
 
 if __name__ == "__main__":

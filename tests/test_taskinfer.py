@@ -17,6 +17,7 @@ from piggyback import MaskConfig, PiggybackModel, TaskFileError, read_task_file
 from piggyback.errors import BackboneMismatchError, ConfigError
 from piggyback.store import write_task_file
 from piggyback.taskfeatures import (
+    QUANTILES,
     TAIL,
     captured,
     decode16,
@@ -26,13 +27,11 @@ from piggyback.taskfeatures import (
     p_value,
 )
 from piggyback.taskinfer import (
-    CALIBRATION_KEY,
-    FEATURES_KEY,
-    QUANTILES,
     calibrate_task,
     calibration,
     normalised_entropy,
 )
+from piggyback.taskmeta import CALIBRATION_KEY, ENTROPY_QUANTILES, FEATURES_KEY
 
 
 @pytest.fixture
@@ -89,7 +88,7 @@ def test_calibrated_rule_reads_each_tasks_validation_quantiles(model: PiggybackM
         model.infer_task(x)  # the default rule, features, needs the calibration too
     for task in ("a", "b"):
         record = calibrate_task(model, task, [torch.randn(5, 3, 16, 16) for _ in range(2)])
-        assert len(record["quantiles"]) == QUANTILES and record["samples"] == 10
+        assert len(record["quantiles"]) == ENTROPY_QUANTILES and record["samples"] == 10
     found = model.infer_task(x, rule="calibrated", threshold=0.0)
     assert ((found.candidate_scores >= 0) & (found.candidate_scores <= 1)).all()
     for column, task in enumerate(found.candidates):  # less entropy, more typical: higher
@@ -318,7 +317,7 @@ def test_fit_stores_the_calibration_in_the_task_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     meta, _ = read_task_file(tmp_path / "digits.safetensors")
     record = meta["metadata"][CALIBRATION_KEY]
-    assert len(record["quantiles"]) == QUANTILES and record["samples"] == 8
+    assert len(record["quantiles"]) == ENTROPY_QUANTILES and record["samples"] == 8
     features = record[FEATURES_KEY]  # per class: fit's validation loader gives labels
     assert features["classes"] == meta["num_classes"] and len(features["layers"]) >= 1
 

@@ -18,7 +18,8 @@ from piggyback.backbones import InputSpec
 from piggyback.data import TaskData, load_task_data, make_loader
 from piggyback.errors import DataError, TaskFileError
 from piggyback.loop import evaluate, train_one_epoch
-from piggyback.taskinfer import CALIBRATION_KEY, calibrate_task
+from piggyback.taskinfer import calibrate_task
+from piggyback.taskmeta import CALIBRATION_KEY
 from piggyback.train import TrainConfig, fit, setup_training
 
 SPEC = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")

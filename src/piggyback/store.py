@@ -38,8 +38,7 @@ from .bits import (
 from .config import MaskConfig
 from .errors import BackboneMismatchError, TaskFileError, TaskFileNotFoundError
 from .layers import NORM_DTYPE
-from .taskinfer import CALIBRATION_KEY, FEATURES_KEY
-from .taskmeta import check_meta
+from .taskmeta import CALIBRATION_KEY, FEATURES_KEY, check_meta
 
 FORMAT = "piggyback-task"
 # 2: per-task norms store only the tensors that differ from the backbone's, at 16 bits.

@@ -42,15 +42,13 @@ import torch
 from .errors import ConfigError
 from .mixed import logits_of
 from .taskfeatures import captured, feature_record, feature_score, running_features
+from .taskmeta import CALIBRATION_KEY, ENTROPY_QUANTILES, FEATURES_KEY
 
 if TYPE_CHECKING:
     from .model import PiggybackModel
 
 RULES = ("calibrated", "entropy", "features")
 DEFAULT_RULE = "features"
-CALIBRATION_KEY = "calibration"  # in a task's metadata: see `calibrate_task`
-FEATURES_KEY = "features"  # in the calibration: the "features" rule's statistics
-QUANTILES = 101  # stored points of a task's validation entropy distribution (0%, 1%, ... 100%)
 # Below these scores an input is refused: on bench/task_inference.py's runs, thresholds
 # that refused at most 5% of the known tasks' own test images, in both settings (for
 # "features", on both seeds, with a margin: 0.07 refused 4.9% on one).
@@ -189,11 +187,11 @@ def _score(
 
 
 def calibration(entropies: torch.Tensor) -> dict[str, Any]:
-    """What a task stores of its validation images' normalised entropies: QUANTILES
+    """What a task stores of its validation images' normalised entropies: ENTROPY_QUANTILES
     evenly spaced quantiles (read back as untrusted header fields by `piggyback.taskmeta`)."""
     if entropies.numel() == 0:
         raise ConfigError("calibration needs at least one validation image")
-    points = torch.linspace(0, 1, QUANTILES, dtype=torch.float64)
+    points = torch.linspace(0, 1, ENTROPY_QUANTILES, dtype=torch.float64)
     values = torch.quantile(entropies.double().clamp(0, 1), points)
     return {"quantiles": [round(float(v), 6) for v in values], "samples": entropies.numel()}
 

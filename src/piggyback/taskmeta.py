@@ -21,7 +21,6 @@ from .backbones import InputSpec
 from .bits import CODECS
 from .config import MaskConfig
 from .errors import ConfigError, TaskFileError
-from .taskinfer import CALIBRATION_KEY, FEATURES_KEY, QUANTILES
 
 MAX_INPUT_SIZE = 2048  # pixels a side; a task trained above this is refused
 MAX_CLASSES = 100_000  # classes of one task's head (ImageNet-21k has 21,841)
@@ -34,6 +33,9 @@ MASK_KINDS = ("binary", "ternary")
 MAX_FEATURE_LAYERS = 16  # layers whose feature statistics a task keeps
 MAX_FEATURE_DIM = 1 << 16  # channels of one such layer
 MAX_FEATURE_NUMBERS = 1 << 24  # 16-bit numbers of one layer's means or directions
+CALIBRATION_KEY = "calibration"  # task inference's record: see `taskinfer.calibrate_task`
+FEATURES_KEY = "features"  # in the calibration: the "features" rule's statistics
+ENTROPY_QUANTILES = 101  # stored points of the validation entropy distribution (0%, ... 100%)
 SPEC_KEY = "input_spec"  # where a task's metadata records the InputSpec it trained with
 # Set in a task's metadata when its backbone had random weights: built after seeding
 # torch with metadata["seed"], which is how eval and predict rebuild it.
@@ -155,12 +157,12 @@ _METADATA: dict[str, Checker] = {
 
 
 def _check_calibration(value: Any, where: str) -> None:
-    """What `piggyback.taskinfer.calibration` stores: QUANTILES non-decreasing numbers in
+    """What `piggyback.taskinfer.calibration` stores: ENTROPY_QUANTILES non-decreasing numbers in
     [0, 1] and the count of validation images they were read from."""
     _require(isinstance(value, dict), where, "a JSON object", value)
     quantiles = value.get("quantiles")
-    ok = isinstance(quantiles, list) and len(quantiles) == QUANTILES
-    _require(ok, f"{where}.quantiles", f"a list of {QUANTILES} numbers", quantiles)
+    ok = isinstance(quantiles, list) and len(quantiles) == ENTROPY_QUANTILES
+    _require(ok, f"{where}.quantiles", f"a list of {ENTROPY_QUANTILES} numbers", quantiles)
     for quantile in quantiles:
         _number(0.0, 1.0)(quantile, f"{where}.quantiles")
     ordered = all(low <= high for low, high in itertools.pairwise(quantiles))
@@ -173,7 +175,7 @@ def _check_calibration(value: Any, where: str) -> None:
 def _check_features(value: Any, where: str) -> None:
     """What `piggyback.taskfeatures.feature_record` stores: per layer, class means and
     covariance directions as 16-bit base64 of the sizes declared, finite; positive
-    variances; the validation statistic's QUANTILES finite, non-decreasing points."""
+    variances; the validation statistic's taskfeatures.QUANTILES finite, non-decreasing points."""
     _require(isinstance(value, dict), where, "a JSON object", value)
     _integer(1, MAX_CLASSES)(value.get("classes"), f"{where}.classes")
     layers = value.get("layers")
