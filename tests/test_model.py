@@ -10,6 +10,7 @@ from conftest import TinyNet, make_tiny
 from torch import nn
 
 from piggyback import ConfigError, MaskConfig, PiggybackModel, UnknownTaskError, fingerprint
+from piggyback.layers import MaskedLayer
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,6 +149,49 @@ def test_frozen_task_matches_trainable_and_cache_follows_updates(images: torch.T
         model.freeze_task("a")
         assert not model.is_trainable("a")
         assert torch.equal(model(images), trained)
+
+
+@pytest.mark.parametrize("fn", ["binarizer", "ternarizer"])
+def test_torch_func_gives_the_gradients_autograd_gives(fn: str, images: torch.Tensor) -> None:
+    """torch.func's transforms (per-sample gradients, meta-learning) run a training task;
+    they refuse the fused masked weight, so it composes the thresholder under them."""
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=False, threshold_fn=fn))
+    model.add_task("t", 4)
+    model.set_task("t").train()
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    model(images).square().sum().backward()
+
+    def loss(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, values, (images,)).square().sum()
+
+    grads = torch.func.grad(loss)({k: v.detach() for k, v in params.items()})
+    for name, param in params.items():
+        torch.testing.assert_close(grads[name], param.grad)
+
+
+def test_a_data_parallel_replica_runs_a_training_task(images: torch.Tensor) -> None:
+    """nn.DataParallel's replicas (torch.nn.parallel.replicate, here without its GPUs)
+    hold every parameter as a plain attribute, outside the modules' dicts."""
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=False))
+    model.add_task("t", 4)
+    model.set_task("t").train()
+    copies = {id(m): m._replicate_for_data_parallel() for m in model.modules()}
+    for module in model.modules():
+        replica = copies[id(module)]
+        for key, child in module._modules.items():
+            replica._modules[key] = None if child is None else copies[id(child)]
+        for key, param in module._parameters.items():
+            if param is None:
+                replica._parameters[key] = None
+            else:
+                setattr(replica, key, param * 1)  # not a Parameter: as Broadcast gives
+    replica = copies[id(model)]
+    masked = [m for m in replica.modules() if isinstance(m, MaskedLayer)]
+    assert masked and not any(
+        m.base_layer._parameters.get(m.parameter) is not None or m.scores._parameters
+        for m in masked
+    )
+    torch.testing.assert_close(replica(images), model(images))
 
 
 def test_ternarizer_masks_can_flip_signs(images: torch.Tensor) -> None:

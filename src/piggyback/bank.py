@@ -25,7 +25,6 @@ from torch import nn
 
 from .bits import MaskKind, bits_per_value, pack_mask, unpack_binary, unpack_mask
 from .errors import ConfigError, UnknownTaskError
-from .functional import zero
 
 # Integer views of float weights: multiplying the bits by 1 keeps them, by 0 gives +0.0,
 # exactly what torch.where(keep, weight, 0) gives.
@@ -102,7 +101,7 @@ class MaskBank(nn.Module):
     def select_all(self, task: str, weights: torch.Tensor, out: torch.Tensor) -> None:
         """Every layer's W * mask of a task that `unpacks_at_once`, from the masked
         weights end to end (`flatweights.FlatWeights`) into `out`: one select."""
-        torch.where(self.keep_all(task), weights, zero(weights.dtype, weights.device), out=out)
+        torch.where(self.keep_all(task), weights, weights.new_zeros(()), out=out)
 
     def keep_all(self, task: str) -> torch.Tensor:
         """Every layer's keep flags of a task that `unpacks_at_once`, unpacked at once (one
@@ -133,7 +132,7 @@ def masked_into(
         return target
     if keep is None:
         keep = bank.values(task, start, numel, torch.bool)
-    return torch.where(keep.view(weight.shape), weight, zero(weight.dtype, weight.device), out=out)
+    return torch.where(keep.view(weight.shape), weight, weight.new_zeros(()), out=out)
 
 
 def masks_into(

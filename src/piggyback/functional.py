@@ -7,7 +7,6 @@ treats the threshold as the identity, so with ``W_task = W * m`` autograd gives
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -21,10 +20,12 @@ MASK_KINDS: dict[str, MaskKind] = {"binarizer": "binary", "ternarizer": "ternary
 class _StraightThrough(torch.autograd.Function):
     """A thresholding whose gradient w.r.t. the scores is the incoming one, unchanged.
 
-    Through W * m that makes dL/dscores = dL/d(W * m) * W, as in the paper. Forward
-    takes `ctx` itself (no `setup_context`): torch binds a `setup_context` function's
-    arguments with `inspect` on every call, 30 us a layer a step.
+    Through W * m that makes dL/dscores = dL/d(W * m) * W, as in the paper.
     """
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple, output: torch.Tensor) -> None:
+        pass
 
     @staticmethod
     def backward(ctx: object, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -35,7 +36,7 @@ class Binarizer(_StraightThrough):
     """m = 1 where score > threshold, else 0; gradient passed straight through."""
 
     @staticmethod
-    def forward(ctx: object, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return (scores > threshold).to(scores.dtype)
 
 
@@ -43,14 +44,16 @@ class Ternarizer(_StraightThrough):
     """m = -1 below 0, 0 in [0, threshold], 1 above; gradient passed straight through."""
 
     @staticmethod
-    def forward(ctx: object, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    def forward(scores: torch.Tensor, threshold: float) -> torch.Tensor:
         return (scores > threshold).to(scores.dtype) - (scores < 0).to(scores.dtype)
 
 
 class _BinaryMasked(torch.autograd.Function):
     """W * (scores > threshold) as one select, and in backward dL/dscores = dL/dW_task * W:
     what W * Binarizer(scores) gives, with one autograd node and two kernels instead of
-    three nodes and four (a training step on a GPU waits on their launches)."""
+    three nodes and four (a training step on a GPU waits on their launches). Its forward
+    takes `ctx` (no `setup_context`, for which torch binds the arguments with `inspect` on
+    every call), which torch.func's transforms refuse: under them `mask_weight` composes."""
 
     @staticmethod
     def forward(
@@ -86,20 +89,11 @@ def mask_weight(
 ) -> torch.Tensor:
     """W * mask(scores) (into `out` when given), differentiable w.r.t. the scores as the
     paper says. A binary mask selects: a dropped weight is +0.0, as a stored task's is."""
-    if fn != "binarizer":
+    if fn != "binarizer" or torch._C._are_functorch_transforms_active():
         return torch.mul(weight, threshold_scores(scores, threshold, fn).to(weight.dtype), out=out)
     if out is None and scores.requires_grad and torch.is_grad_enabled():
         return _BinaryMasked.apply(weight, scores, threshold)
-    return torch.where(scores > threshold, weight, zero(weight.dtype, weight.device), out=out)
-
-
-@functools.cache
-def zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 0-dim zero on `device` for `torch.where(..., out=)`, which takes no Python
-    scalar: made once (a normal tensor, even when first asked under inference mode), not
-    a fill kernel per layer per switch."""
-    with torch.inference_mode(False):
-        return torch.zeros((), dtype=dtype, device=device)
+    return torch.where(scores > threshold, weight, weight.new_zeros(()), out=out)
 
 
 def init_scores(weight: torch.Tensor, init: ScoreInit, scale: float) -> torch.Tensor:

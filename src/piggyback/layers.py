@@ -119,13 +119,18 @@ class MaskedLayer(TaskModule):
     @property
     def frozen(self) -> torch.Tensor:
         """The backbone's own weight, never masked and never trained."""
-        return self._modules["base_layer"]._parameters[self.parameter]
+        base = self._modules["base_layer"]
+        weight = base._parameters.get(self.parameter)
+        return getattr(base, self.parameter) if weight is None else weight
 
-    def _scores(self, task: str) -> nn.Parameter | None:
+    def _scores(self, task: str) -> torch.Tensor | None:
         """`task`'s trainable scores (None for a stored task). This and `frozen` read the
-        dicts directly: every forward of every layer asks, and nn.Module's attribute
-        lookup behind two __getattr__ overrides costs more than the op it feeds."""
-        return self._modules["scores"]._parameters.get(task)
+        dicts first: every forward of every layer asks, and nn.Module's attribute lookup
+        behind two __getattr__ overrides costs more than the op it feeds. (A replica of
+        nn.DataParallel holds them as plain attributes, not in the dicts.)"""
+        scores = self._modules["scores"]
+        found = scores._parameters.get(task)
+        return scores[task] if found is None and task in scores else found
 
     def __getattr__(self, name: str) -> Any:
         if name == self.__dict__.get("parameter"):
