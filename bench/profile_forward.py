@@ -1,8 +1,8 @@
 """Where a forward right after a task switch spends its time, beside a plain forward.
 
-The masked model re-derives every layer's W * mask before it runs (as after a switch:
-`model.train(False)` forgets the cached weights), and runs again with them cached; the
-plain backbone runs the same batch.
+The masked model runs a task whose W * mask is cached, and a task it switches to before
+every batch (two take turns in the weight cache's second slot, each derived afresh, as
+in `speed.py`); the plain backbone runs the same batch.
 Each runs `--steps` times under torch.profiler after warm-up; the table lists operators
 by self time per forward: host (CPU) time, which on a GPU is where launch overhead shows,
 and device time on a GPU. Wall time per forward is measured outside the profiler.
@@ -31,13 +31,20 @@ def forwards(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     right after a switch."""
     device = torch.device(args.device)
     model = PiggybackModel(build(args.model, args.size, device)).to(device).eval()
-    model.add_task("task", 10, masks=random_masks(model, seed=1))
-    model.set_task("task")
+    for task, seed in (("task", 1), ("other1", 4), ("other2", 5)):
+        model.add_task(task, 10, masks=random_masks(model, seed=seed))
     plain = model.base.to(device).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    model.weight_cache_size = 2  # "task" stays cached; the others take turns (speed.py's)
+    turn = ["other2"]
+
+    def cached() -> None:
+        model.set_task("task")
+        model(x)
 
     def after_switch() -> None:
-        model.train(False)  # forgets every cached W * mask, as a switch does
+        turn[0] = "other1" if turn[0] == "other2" else "other2"
+        model.set_task(turn[0])
         model(x)
 
     def run(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -49,7 +56,7 @@ def forwards(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
 
     return {
         "plain": run(lambda: plain(x)),
-        "cached": run(lambda: model(x)),  # the active task's W * mask already derived
+        "cached": run(cached),
         "after_switch": run(after_switch),
     }
 

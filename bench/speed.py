@@ -2,7 +2,7 @@
 
 For each backbone: a training step (mask training vs full fine-tuning: time and
 peak memory), inference (baked task, masked model with its cached weight, the
-masked model re-deriving its weights every batch, and torch.nn.utils.parametrize
+masked model switching task before every batch, and torch.nn.utils.parametrize
 as the reference implementation, each against the plain backbone), a task switch
 from a task file to ready-to-run weights, a mixed batch of 8 tasks against 8
 single-task forwards, and the memory that N resident tasks add to the backbone.
@@ -224,17 +224,22 @@ def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = PiggybackModel(backbone).to(device).eval()
     masks = random_masks(model, seed=1)
     num_classes = model.head.base_layer.weight.shape[0]  # same head size as the plain model
-    model.add_task("task", num_classes, masks=masks)
-    with torch.no_grad():
-        model.head.heads["task"].load_state_dict(model.head.base_layer.state_dict())
+    for task, seed in (("task", 1), ("other1", 4), ("other2", 5)):
+        model.add_task(task, num_classes, masks=masks if seed == 1 else random_masks(model, seed))
+        with torch.no_grad():
+            model.head.heads[task].load_state_dict(model.head.base_layer.state_dict())
     plain = model.base.to(device).eval()
     baked = model.bake("task").to(device)
     reference = parametrized(plain, {n: m.float() for n, m in masks.items()})
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    model.set_task("task")
+    # "task" stays cached; "other1" and "other2" take turns in the second slot, each
+    # derived afresh into the memory of the one before: a switch before every batch
+    model.weight_cache_size = 2
+    turn = ["other2"]
 
     def rederived() -> Any:
-        model.train(False)  # forgets every cached W * mask, as a task switch does
+        turn[0] = "other1" if turn[0] == "other2" else "other2"
+        model.set_task(turn[0])
         return model(x)
 
     def inference(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -244,7 +249,11 @@ def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         return run
 
-    fns = {"plain": lambda: plain(x), "baked": lambda: baked(x), "cached": lambda: model(x),
+    def cached() -> Any:
+        model.set_task("task")
+        return model(x)
+
+    fns = {"plain": lambda: plain(x), "baked": lambda: baked(x), "cached": cached,
            "rederived": rederived, "parametrize": lambda: reference(x)}  # fmt: skip
     times = interleaved_seconds({k: inference(f) for k, f in fns.items()}, device, args.repeat)
     base = times["plain"]
