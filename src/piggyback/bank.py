@@ -85,9 +85,11 @@ class MaskBank(nn.Module):
         return unpack_mask(self.packed(task), numel, self.kinds[task], dtype, start)
 
     def packed(self, task: str) -> torch.Tensor:
+        """`task`'s packed bits (read from the dicts directly: each masked layer's forward
+        asks, to check that its cached weight is current)."""
         if task not in self.kinds:
             raise UnknownTaskError(f"no stored masks for task {task!r}; stored: {list(self.kinds)}")
-        return self.bits[task]
+        return self._modules["bits"]._buffers[task]
 
     def unpacks_at_once(self, task: str) -> bool:
         """Whether `keep_all` serves `task`: a stored binary task off the CPU (on the CPU

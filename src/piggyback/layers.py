@@ -325,11 +325,13 @@ class TaskNorm(TaskModule):
 
     def is_banked(self, task: str) -> bool:
         """Whether `task`'s values are in the bank (it has no module of its own)."""
-        return self.bank is not None and task in self.bank and task not in self.norms._modules
+        bank = self.__dict__["bank"]
+        return bank is not None and task in bank and self.own_module(task) is None
 
     def own_module(self, task: str) -> nn.Module | None:
-        """The module of its own that a training `task` has (None for a frozen task)."""
-        return self.norms._modules.get(task)
+        """The module of its own that a training `task` has (None for a frozen task). Read
+        from the dicts directly, as `MaskedLayer.frozen`: every forward of every norm asks."""
+        return self._modules["norms"]._modules.get(task)
 
     def add_task(self, task: str) -> None:
         norm = copy_leaf(self.base_layer)
@@ -374,11 +376,12 @@ class TaskNorm(TaskModule):
 
     def layer_for(self, task: str | None) -> nn.Module:
         if task is None:
-            return self.base_layer
+            return self._modules["base_layer"]
         own = self.own_module(task)
         if own is not None:
             return own
-        return self._runner_for(task) if self.is_banked(task) else self.base_layer
+        bank = self.__dict__["bank"]
+        return self._runner_for(task) if bank is not None and task in bank else self.base_layer
 
     def _runner_for(self, task: str) -> nn.Module:
         """The spare copy holding views of `task`'s values (made once, then rebound)."""

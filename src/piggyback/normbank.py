@@ -69,7 +69,7 @@ class NormBank(nn.Module):
         self.__dict__["_views"] = None  # (task, its flat tensors, every layer's views)
 
     def __contains__(self, task: str) -> bool:
-        return task in self.flats._modules
+        return task in self._modules["flats"]._modules  # the dicts directly: every forward asks
 
     @property
     def tasks(self) -> list[str]:
@@ -104,7 +104,7 @@ class NormBank(nn.Module):
 
     def flat(self, task: str) -> tuple[torch.Tensor, ...]:
         """`task`'s flat tensors, one per group."""
-        flats = self.flats._modules.get(task)
+        flats = self._modules["flats"]._modules.get(task)
         if flats is None:
             raise UnknownTaskError(f"no stored norm layers for task {task!r}; stored: {self.tasks}")
         return tuple(flats._buffers.values())
