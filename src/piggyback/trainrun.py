@@ -196,7 +196,7 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
     are read."""
     from .backbones import DEFAULT_BACKBONE, has_trained_weights, input_spec
     from .data import load_task_data
-    from .distributed import is_main
+    from .distributed import barrier, is_main
     from .memory import check_activation_memory
     from .store import write_atomic
     from .taskmeta import RANDOM_KEY, SPEC_KEY, check_task_fields, spec_record
@@ -227,6 +227,10 @@ def train_task(model: PiggybackModel, args: argparse.Namespace, config: TrainCon
     if args.resume and _finished(out, settings):
         return
     check_run_folder(out, task, resume=args.resume, force=args.force)
+    # Under torchrun every process has looked at the folder before rank 0 writes into it:
+    # else a process slower to start a task of train-many saw rank 0's settings.yaml and
+    # refused the folder as another run's.
+    barrier()
     resume = args.resume and _resume_point(out, settings, config.epochs)
     data = load_task_data(
         args.data, spec, seed=args.seed, val_fraction=args.val_fraction,
