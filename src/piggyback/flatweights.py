@@ -71,9 +71,8 @@ def joined(parts: Sequence[torch.Tensor], total: int) -> torch.Tensor | None:
     offset = 0
     for part in parts:
         same_storage = part.untyped_storage().data_ptr() == storage.data_ptr()
-        if not (same_storage and part.storage_offset() == offset and part.is_contiguous()):
-            return None
-        if part.dtype != first.dtype:
+        in_place = part.storage_offset() == offset and part.is_contiguous()
+        if not (same_storage and in_place and part.dtype == first.dtype):
             return None
         offset += part.numel()
     if offset != total:

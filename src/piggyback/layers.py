@@ -325,8 +325,11 @@ class TaskNorm(TaskModule):
 
     def is_banked(self, task: str) -> bool:
         """Whether `task`'s values are in the bank (it has no module of its own)."""
+        return self._in_bank(task) and self.own_module(task) is None
+
+    def _in_bank(self, task: str) -> bool:
         bank = self.__dict__["bank"]
-        return bank is not None and task in bank and self.own_module(task) is None
+        return bank is not None and task in bank
 
     def own_module(self, task: str) -> nn.Module | None:
         """The module of its own that a training `task` has (None for a frozen task). Read
@@ -380,8 +383,7 @@ class TaskNorm(TaskModule):
         own = self.own_module(task)
         if own is not None:
             return own
-        bank = self.__dict__["bank"]
-        return self._runner_for(task) if bank is not None and task in bank else self.base_layer
+        return self._runner_for(task) if self._in_bank(task) else self.base_layer
 
     def _runner_for(self, task: str) -> nn.Module:
         """The spare copy holding views of `task`'s values (made once, then rebound)."""

@@ -658,14 +658,13 @@ class PiggybackModel(nn.Module):
         if not layers or not layers[0].is_stale(task):
             return
         stale = [layer for layer in layers if layer.is_stale(task)]
-        claimed = [(layer, layer.claim(task)) for layer in stale]
+        outs = [layer.claim(task) for layer in stale]
         weights = [layer.frozen for layer in stale]
-        outs = [out for _, out in claimed]
         if len(stale) == len(layers) and self.bank.unpacks_at_once(task) and can_join(weights):
             outs = self._select_all(task, weights, outs)
         else:
-            masks_into(self.bank, task, [(w, layer.start, out) for w, (layer, out) in
-                                         zip(weights, claimed, strict=True)])  # fmt: skip
+            starts = [layer.start for layer in stale]
+            masks_into(self.bank, task, list(zip(weights, starts, outs, strict=True)))
         for layer, out in zip(stale, outs, strict=True):
             layer.hold(task, out)
 
