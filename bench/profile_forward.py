@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from _common import interleaved_seconds, markdown_table, sync, write_run
-from speed import BUILDERS, autocast, build, random_masks
+from speed import BUILDERS, add_switching_tasks, build, inference, masked_forwards
 from torch.profiler import ProfilerActivity, profile
 
 from piggyback import PiggybackModel
@@ -28,37 +28,16 @@ from piggyback import PiggybackModel
 
 def forwards(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     """The plain backbone's forward, and the masked model's with its weights cached and
-    right after a switch."""
+    right after a switch (`speed.masked_forwards`)."""
     device = torch.device(args.device)
     model = PiggybackModel(build(args.model, args.size, device)).to(device).eval()
-    for task, seed in (("task", 1), ("other1", 4), ("other2", 5)):
-        model.add_task(task, 10, masks=random_masks(model, seed=seed))
+    add_switching_tasks(model)
     plain = model.base.to(device).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    model.weight_cache_size = 2  # "task" stays cached; the others take turns (speed.py's)
-    turn = ["other2"]
-
-    def cached() -> None:
-        model.set_task("task")
-        model(x)
-
-    def after_switch() -> None:
-        turn[0] = "other1" if turn[0] == "other2" else "other2"
-        model.set_task(turn[0])
-        model(x)
-
-    def run(fn: Callable[[], Any]) -> Callable[[], None]:
-        def step() -> None:
-            with torch.no_grad(), autocast(device, args.amp):
-                fn()
-
-        return step
-
-    return {
-        "plain": run(lambda: plain(x)),
-        "cached": run(cached),
-        "after_switch": run(after_switch),
-    }
+    masked = masked_forwards(model, x)
+    fns = {"plain": lambda: plain(x), "cached": masked["cached"],
+           "after_switch": masked["rederived"]}  # fmt: skip
+    return {name: inference(fn, device, args.amp) for name, fn in fns.items()}
 
 
 def top_ops(name: str, fn: Callable[[], None], args: argparse.Namespace) -> list[dict]:

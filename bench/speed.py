@@ -218,44 +218,62 @@ def parametrized(backbone: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Modu
     return reference
 
 
-def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    backbone = build(name, args.size, device)
-    model = PiggybackModel(backbone).to(device).eval()
+def add_switching_tasks(model: PiggybackModel) -> dict[str, torch.Tensor]:
+    """Tasks "task", "other1" and "other2" (random masks, the plain model's head), for
+    `masked_forwards`; returns the masks of "task"."""
     masks = random_masks(model, seed=1)
     num_classes = model.head.base_layer.weight.shape[0]  # same head size as the plain model
     for task, seed in (("task", 1), ("other1", 4), ("other2", 5)):
         model.add_task(task, num_classes, masks=masks if seed == 1 else random_masks(model, seed))
         with torch.no_grad():
             model.head.heads[task].load_state_dict(model.head.base_layer.state_dict())
-    plain = model.base.to(device).eval()
-    baked = model.bake("task").to(device)
-    reference = parametrized(plain, {n: m.float() for n, m in masks.items()})
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    # "task" stays cached; "other1" and "other2" take turns in the second slot, each
-    # derived afresh into the memory of the one before: a switch before every batch
+    return masks
+
+
+def masked_forwards(model: PiggybackModel, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The masked model's forward of a task whose W * mask is cached ("cached"), and of a
+    task it switches to before every batch ("rederived"): "task" stays cached; "other1"
+    and "other2" take turns in the weight cache's second slot, each derived afresh into
+    the memory of the one before (`add_switching_tasks` adds them)."""
     model.weight_cache_size = 2
     turn = ["other2"]
+
+    def cached() -> Any:
+        model.set_task("task")
+        return model(x)
 
     def rederived() -> Any:
         turn[0] = "other1" if turn[0] == "other2" else "other2"
         model.set_task(turn[0])
         return model(x)
 
-    def inference(fn: Callable[[], Any]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad(), autocast(device, args.amp):
-                fn()
+    return {"cached": cached, "rederived": rederived}
 
-        return run
 
-    def cached() -> Any:
-        model.set_task("task")
-        return model(x)
+def inference(fn: Callable[[], Any], device: torch.device, amp: str | None) -> Callable[[], None]:
+    """`fn` without autograd, under autocast when `amp` is set."""
 
-    fns = {"plain": lambda: plain(x), "baked": lambda: baked(x), "cached": cached,
-           "rederived": rederived, "parametrize": lambda: reference(x)}  # fmt: skip
-    times = interleaved_seconds({k: inference(f) for k, f in fns.items()}, device, args.repeat)
+    def run() -> None:
+        with torch.no_grad(), autocast(device, amp):
+            fn()
+
+    return run
+
+
+def bench_inference(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    backbone = build(name, args.size, device)
+    model = PiggybackModel(backbone).to(device).eval()
+    masks = add_switching_tasks(model)
+    plain = model.base.to(device).eval()
+    baked = model.bake("task").to(device)
+    reference = parametrized(plain, {n: m.float() for n, m in masks.items()})
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    fns = {"plain": lambda: plain(x), "baked": lambda: baked(x), **masked_forwards(model, x),
+           "parametrize": lambda: reference(x)}  # fmt: skip
+    times = interleaved_seconds(
+        {k: inference(f, device, args.amp) for k, f in fns.items()}, device, args.repeat
+    )
     base = times["plain"]
     return {
         "plain_forward_s": base,
