@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
+import zstandard
 
 from piggyback.bits import (
     CODECS,
     _encode_sparse,
+    _packed_exceptions,
+    _read_sparse,
     bits_per_value,
     decode_bits,
     decode_mask,
@@ -112,6 +116,56 @@ def test_long_gaps_are_escaped() -> None:
     mask[[3, 254, 510, 70_000, 199_999]] = 0  # gaps of 3, 250, 255 (escaped), 69,489, ...
     payload = _encode_sparse(mask, "binary")
     assert torch.equal(decode_mask(payload, "sparse-zstd", mask.numel(), "binary"), mask)
+    assert torch.equal(
+        decode_bits(payload, "sparse-zstd", mask.numel(), "binary"), pack_mask(mask, "binary")
+    )
+
+
+@pytest.mark.parametrize("numel", [1, 13, 4099])
+def test_sparse_bits_are_built_packed(numel: int) -> None:
+    """Exceptions many to a byte, a last byte with spare bits, both majorities: the bits a
+    GPU builds packed from the exceptions (here with the same torch ops on the CPU) equal
+    the packed decoded values."""
+    for mask in (random_mask(numel, 0.8, "binary", 3), 1 - random_mask(numel, 0.8, "binary", 4)):
+        payload = _encode_sparse(mask, "binary")
+        built = _packed_exceptions(
+            _read_sparse(payload, numel, "binary"), numel, torch.device("cpu")
+        )
+        assert torch.equal(built, pack_mask(mask, "binary"))
+        assert torch.equal(decode_bits(payload, "sparse-zstd", numel, "binary"), built)
+
+
+def sparse_payload(majority: int, short_gaps: list[int], long_gaps: list[int]) -> bytes:
+    """A hand-made sparse payload (a crafted file's)."""
+    header = struct.pack("<bQQ", majority, len(short_gaps), len(long_gaps))
+    body = bytes(short_gaps) + struct.pack(f"<{len(long_gaps)}Q", *long_gaps)
+    return zstandard.ZstdCompressor().compress(header + body)
+
+
+@pytest.mark.parametrize(
+    ("short_gaps", "long_gaps"),
+    [
+        ([5, 255], [2**64 - 3]),  # wraps to an index inside the mask in uint64
+        ([255, 255], [2**63, 2**63]),  # each past the end; their sum wraps to 0
+        ([9, 9, 9], []),  # the last one past the end
+    ],
+)
+def test_sparse_gaps_past_the_end_are_refused(short_gaps: list[int], long_gaps: list[int]) -> None:
+    payload = sparse_payload(1, short_gaps, long_gaps)
+    with pytest.raises(TaskFileError, match="points past"):
+        decode_mask(payload, "sparse-zstd", 20, "binary")
+    with pytest.raises(TaskFileError, match="points past"):
+        _read_sparse(payload, 20, "binary")  # what a GPU's decode reads first
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("kind", ["binary", "ternary"])
+def test_bits_decode_on_cuda_as_on_cpu(codec: str, kind: str) -> None:
+    mask = random_mask(70_001, 0.97, kind)
+    payload = encode_with(codec, mask, kind)
+    bits = decode_bits(payload, codec, mask.numel(), kind, device=torch.device("cuda"))
+    assert bits.is_cuda and torch.equal(bits.cpu(), pack_mask(mask, kind))
 
 
 def test_entropy_bits() -> None:

@@ -541,10 +541,11 @@ class PiggybackModel(nn.Module):
         self, path: str | Path, *, name: str | None = None, read: TaskFileContents | None = None
     ) -> PreparedTask:
         """Read, decode and check the task file at `path` against this model, leaving the
-        model untouched: the slow and untrusted half of `load_task`."""
+        model untouched: the slow and untrusted half of `load_task`. The masks decode
+        where the model keeps them."""
         read = read_task_file(path) if read is None else read
         self.check_new_task_name(read[0]["task"] if name is None else name)
-        return read_task(path, self._shape(), name=name, read=read)
+        return read_task(path, self._shape(), name=name, read=read, device=self._masks_device())
 
     def install_task(self, task: PreparedTask) -> str:
         """Add a task from `prepare_task`, all or nothing; returns its name."""
@@ -553,8 +554,7 @@ class PiggybackModel(nn.Module):
         info = TaskInfo(task.num_classes, task.class_names, task.train_bn, dict(task.metadata))
 
         def masked_layers_take_it() -> None:
-            device = next(iter(self.masked_layers.values())).frozen.device
-            self.bank.store_bits(task.name, task.bits, task.mask_kind, device)
+            self.bank.store_bits(task.name, task.bits, task.mask_kind, self._masks_device())
             for layer in self.masked_layers.values():
                 layer.stored(task.name, task.mask_kind)
 
@@ -637,10 +637,13 @@ class PiggybackModel(nn.Module):
         for module in self._task_modules():
             module.__dict__["active_task"] = task
 
+    def _masks_device(self) -> torch.device:
+        """Where stored tasks' bits live: with the masked weights."""
+        return next(iter(self.masked_layers.values())).frozen.device
+
     def _store(self, name: str, masks: list[torch.Tensor], kind: MaskKind) -> None:
         """Keep `masks` (one per masked layer, in order) as `name`'s packed bits."""
-        device = next(iter(self.masked_layers.values())).frozen.device
-        self.bank.store(name, masks, kind, device)
+        self.bank.store(name, masks, kind, self._masks_device())
         for layer in self.masked_layers.values():
             layer.stored(name, kind)
 

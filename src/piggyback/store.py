@@ -344,11 +344,12 @@ def read_task(
     *,
     name: str | None = None,
     read: TaskFileContents | None = None,
+    device: torch.device | None = None,
 ) -> PreparedTask:
     """The task file at `path`, checked for integrity and to fit `model` (`check_fits`)
-    before its masks are decoded, so a file's declared sizes are never allocated first.
-    `name` replaces the file's; `read`: what `read_task_file(path)` returned, for a
-    caller that already read it."""
+    before its masks are decoded (onto `device`, the CPU by default), so a file's
+    declared sizes are never allocated first. `name` replaces the file's; `read`: what
+    `read_task_file(path)` returned, for a caller that already read it."""
     meta, tensors = read_task_file(path) if read is None else read
     mask = meta["mask"]
     norms = _prefixed(tensors, "norm.")
@@ -368,7 +369,8 @@ def read_task(
     )
     check_fits(path, task, model)
     payload = tensors["masks"].numpy().tobytes()
-    return replace(task, bits=decode_bits(payload, mask["codec"], mask["numel"], mask["kind"]))
+    bits = decode_bits(payload, mask["codec"], mask["numel"], mask["kind"], device)
+    return replace(task, bits=bits)
 
 
 def check_fits(path: str | Path, task: PreparedTask, model: ModelShape) -> dict[str, dict]:
