@@ -42,9 +42,11 @@ step profile-forward-lite0 60 python3 bench/profile_forward.py "${amp[@]}" --bat
 step speed-training 150 python3 bench/speed.py "${amp[@]}" --batch 64 --repeat 15 \
     --parts training --out "$rows/speed-cuda-training.json"
 step profile-step-resnet50 60 python3 bench/profile_step.py "${amp[@]}" --batch 64 \
-    --model resnet50 --steps 5 --out "$rows/profile_step-cuda-resnet50.json"
+    --model resnet50 --steps 5 --trace "$rows/trace-resnet50" \
+    --out "$rows/profile_step-cuda-resnet50.json"
 step profile-step-lite0 60 python3 bench/profile_step.py "${amp[@]}" --batch 64 \
-    --model efficientnet_lite0 --steps 5 --out "$rows/profile_step-cuda-lite0.json"
+    --model efficientnet_lite0 --steps 5 --trace "$rows/trace-lite0" \
+    --out "$rows/profile_step-cuda-lite0.json"
 # issue 17: whole runs, where their time goes, and the loaders' data wait
 step train-cost 200 python3 bench/train_cost.py "${amp[@]}" --size 224 --limit 2000 \
     --epochs 3 --methods piggyback finetune --out "$rows/train_cost-cuda.json"

@@ -5,24 +5,36 @@ and 10-class head against a fine-tuned copy with a new head; Adam). After warm-u
 `--steps` steps of each run under the profiler; the table lists each method's operators
 by their own time (self time, children excluded), CUDA time on a GPU.
 
+On a GPU a second table sets each method's wall-clock per step beside the time its
+kernels kept the GPU busy, and charges every stretch the GPU sat idle to the host
+operator that was running when it began (the innermost one): where a step waits on its
+host. `--trace DIR` also writes each method's Chrome trace (chrome://tracing, Perfetto).
+
     python bench/profile_step.py --model efficientnet_lite0 --size 224 --batch 16
-    python bench/profile_step.py --device cuda --amp bf16 --batch 64 --model resnet50
+    python bench/profile_step.py --device cuda --amp bf16 --batch 64 --model resnet50 --trace OUT
     python bench/profile_step.py --quick          # seconds: the CI smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from _common import markdown_table, sync, write_run
 from speed import BUILDERS, train_step_fn, training_setup
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
+IDLE_MIN_US = 20.0  # shorter gaps between kernels are the launch rhythm, not a wait
 
-def top_ops(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """`args.top` operators of `args.steps` steps of `method`, by self time per step."""
+
+def profiled_steps(method: str, args: argparse.Namespace) -> tuple[profile, float]:
+    """`args.steps` steps of `method` under the profiler, after warm-up; their wall time."""
     device = torch.device(args.device)
     model, optimizer = training_setup(args.model, method, args.size, device)
     step = train_step_fn(model, optimizer, args.batch, args.size, args)
@@ -31,9 +43,64 @@ def top_ops(method: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(args.steps):
             step()
         sync(device)
+        wall = time.perf_counter() - start
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace) / f"profile_step-{method}.json.gz"))
+    return prof, wall
+
+
+def idle_gaps(events: EventList) -> tuple[float, list[tuple[float, float]]]:
+    """The time (us) the GPU ran kernels, copies or fills, and the gaps between them."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+    )
+    busy, gaps = 0.0, []
+    if not spans:
+        return busy, gaps
+    start, end = spans[0]
+    for span_start, span_end in spans[1:]:
+        if span_start > end:
+            busy += end - start
+            if span_start - end >= IDLE_MIN_US:
+                gaps.append((end, span_start))
+            start = span_start
+        end = max(end, span_end)
+    return busy + end - start, gaps
+
+
+def timeline(method: str, prof: profile, wall: float, args: argparse.Namespace) -> dict:
+    """Wall time, GPU busy time and the idle time by the host op it began in, per step."""
+    events = prof.events()
+    busy, gaps = idle_gaps(events)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    idle_by_op: Counter[str] = Counter()
+    for gap_start, gap_end in gaps:
+        running = [e for e in host if e.time_range.start <= gap_start < e.time_range.end]
+        innermost = min(running, key=lambda e: e.time_range.elapsed_us(), default=None)
+        idle_by_op[innermost.name if innermost else "(no host op)"] += gap_end - gap_start
+    per_step = 1000 * args.steps
+    on_gpu = torch.device(args.device).type == "cuda"
+    return {
+        "method": method,
+        "wall ms per step": 1000 * wall / args.steps,
+        "gpu busy ms per step": busy / per_step if on_gpu else None,
+        "gpu idle ms per step": sum(end - start for start, end in gaps) / per_step
+        if on_gpu
+        else None,
+        "idle begins in (ms per step)": {
+            name: round(us / per_step, 3) for name, us in idle_by_op.most_common(args.top)
+        },
+    }
+
+
+def top_ops(method: str, prof: profile, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`args.top` operators of `method`'s profiled steps, by self time per step."""
+    device = torch.device(args.device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key) > 0]
     total = sum(getattr(e, key) for e in events)
@@ -59,14 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"))
+    parser.add_argument("--trace", help="a folder for each method's Chrome trace")
     parser.add_argument("--out", default="bench/results/profile_step.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.steps, args.top = 32, 2, 1, 5
-    rows = [row for method in ("finetune", "mask") for row in top_ops(method, args)]
+    rows, timelines = [], []
+    for method in ("finetune", "mask"):
+        prof, wall = profiled_steps(method, args)
+        rows += top_ops(method, prof, args)
+        timelines.append(timeline(method, prof, wall, args))
     print(markdown_table(rows, list(rows[0])))
-    write_run(args, {"results": rows})
+    print(markdown_table(timelines, list(timelines[0])[:-1]))
+    for line in timelines:
+        print(f"{line['method']}: GPU idle begins in {line['idle begins in (ms per step)']}")
+    write_run(args, {"results": rows, "timeline": timelines})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,12 +97,30 @@ def test_train_cost_bench(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_profile_step_bench(tmp_path: Path) -> None:
-    rows = run_bench("profile_step", tmp_path)["results"]
+    payload = run_bench("profile_step", tmp_path)
+    rows = payload["results"]
     for method in ("finetune", "mask"):
         ops = [row for row in rows if row["method"] == method]
         assert ops[-1]["op"] == "(all)" and len(ops) == 6  # the top 5 and the total
         assert sum(row["ms per step"] for row in ops[:-1]) <= ops[-1]["ms per step"]
     assert any("convolution" in row["op"] for row in rows)
+    for line in payload["timeline"]:  # no GPU here: the wall time alone
+        assert line["wall ms per step"] > 0 and line["gpu busy ms per step"] is None
+
+
+def test_gpu_idle_gaps_merge_overlapping_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's busy time is the union of its spans; a wait is a gap of 20 us or more."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import idle_gaps
+    from torch.autograd import DeviceType
+
+    def event(device: DeviceType, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    spans = [(0, 10), (5, 30), (35, 40), (100, 150), (120, 130)]  # a 5 us and a 60 us gap
+    events = [event(DeviceType.CUDA, a, b) for a, b in spans] + [event(DeviceType.CPU, 0, 999)]
+    assert idle_gaps(events) == (30 + 5 + 50, [(40, 100)])
+    assert idle_gaps([event(DeviceType.CPU, 0, 9)]) == (0.0, [])
 
 
 @pytest.mark.slow
