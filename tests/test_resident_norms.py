@@ -21,7 +21,7 @@ from test_model import train_steps
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from piggyback import MaskConfig, PiggybackModel, read_task_file
+from piggyback import MaskConfig, PiggybackModel, normbank, read_task_file
 from piggyback.store import task_config
 
 
@@ -231,3 +231,19 @@ def test_the_layer_a_frozen_task_reads_is_written_through(
     model.remove_task("a")
     assert "a" not in norm.norms and norm._bound is None
     assert not any(".a." in k for k in model.state_dict())
+
+
+def test_the_views_of_the_tasks_used_last_are_kept(
+    tmp_path: Path, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mixed batch asks for each of its tasks in turn: their views are made once."""
+    _, paths = task_files("tiny", tmp_path, images)
+    model = loaded("tiny", paths)
+    bank = model.norm_bank
+    a_views, b_views = bank.views("a", 0), bank.views("b", 0)
+    assert bank.views("a", 0) is a_views and bank.views("b", 0) is b_views
+    monkeypatch.setattr(normbank, "VIEWS_KEPT", 1)
+    assert bank.views("a", 0) is a_views  # b's views, the least recently used, go
+    assert bank.views("b", 0) is not b_views
+    model.remove_task("b")
+    assert list(bank._views) == []  # a's went for b's; b's with the task

@@ -12,6 +12,7 @@ the bank.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import is_not
@@ -22,6 +23,8 @@ from torch import nn
 
 from .bank import BufferDict
 from .errors import ConfigError, UnknownTaskError
+
+VIEWS_KEPT = 32  # tasks whose views are kept: a mixed batch of up to 32 tasks makes none
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class NormBank(nn.Module):
             self.slots.append(slots)
         self.groups = len(dtypes)
         self.flats = nn.ModuleDict()
-        self.__dict__["_views"] = None  # (task, its flat tensors, every layer's views)
+        # task -> (its flat tensors, every layer's views), the most recently used last
+        self.__dict__["_views"] = OrderedDict()
 
     def __contains__(self, task: str) -> bool:
         return task in self._modules["flats"]._modules  # the dicts directly: every forward asks
@@ -99,8 +103,7 @@ class NormBank(nn.Module):
     def remove(self, task: str) -> None:
         if task in self.flats:
             del self.flats[task]
-        if self._views is not None and self._views[0] == task:
-            self.__dict__["_views"] = None
+        self._views.pop(task, None)
 
     def flat(self, task: str) -> tuple[torch.Tensor, ...]:
         """`task`'s flat tensors, one per group."""
@@ -112,21 +115,25 @@ class NormBank(nn.Module):
     def views(self, task: str, index: int) -> dict[str, torch.Tensor]:
         """The `index`-th layer's state for `task` as views of the task's flat tensors
         (Parameters where the layer has them, not trained). Every layer's are made at
-        once, one split per flat tensor, and kept for the last task asked: the same
-        dict while that lasts, so a caller can tell that nothing changed."""
-        flats, cached = self.flat(task), self._views
-        if cached is None or cached[0] != task or any(map(is_not, cached[1], flats)):
+        once, one split per flat tensor, and kept for the `VIEWS_KEPT` tasks asked last
+        (a mixed batch asks for each of its tasks in turn, layer by layer): the same dict
+        while that lasts, so a caller can tell that nothing changed."""
+        flats, held = self.flat(task), self._views.get(task)
+        if held is None or any(map(is_not, held[0], flats)):
             pieces = [flat.split(numels) for flat, numels in zip(flats, self.numels, strict=True)]
             layers = [
                 {s.key: _shaped(pieces[s.group][s.position], s) for s in slots}
                 for slots in self.slots
             ]
-            cached = self.__dict__["_views"] = (task, flats, layers)
-        return cached[2][index]
+            held = self._views[task] = (flats, layers)
+        self._views.move_to_end(task)
+        if len(self._views) > VIEWS_KEPT:
+            self._views.popitem(last=False)
+        return held[1][index]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_views"] = None  # made again on demand
+        state["_views"] = OrderedDict()  # made again on demand
         return state
 
 
