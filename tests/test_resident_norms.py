@@ -247,3 +247,20 @@ def test_the_views_of_the_tasks_used_last_are_kept(
     assert bank.views("b", 0) is not b_views
     model.remove_task("b")
     assert list(bank._views) == []  # a's went for b's; b's with the task
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_task_file_loads_onto_a_gpu_as_onto_the_cpu(tmp_path: Path, images: torch.Tensor) -> None:
+    """Its masks decode on the GPU and its norm values move there joined: the same bits."""
+    _, paths = task_files("zoo", tmp_path, images)
+    on_cpu = loaded("zoo", paths)
+    config = task_config(read_task_file(paths["a"])[0])
+    on_gpu = PiggybackModel(make_zoo().cuda(), config).eval()
+    for path in paths.values():
+        on_gpu.load_task(path)
+    for task in ("a", "b"):
+        assert on_gpu.bank.packed(task).is_cuda
+        assert torch.equal(on_gpu.bank.packed(task).cpu(), on_cpu.bank.packed(task))
+        flats = zip(on_gpu.norm_bank.flat(task), on_cpu.norm_bank.flat(task), strict=True)
+        for gpu_flat, cpu_flat in flats:
+            assert gpu_flat.is_cuda and torch.equal(gpu_flat.cpu(), cpu_flat)

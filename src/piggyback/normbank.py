@@ -82,22 +82,27 @@ class NormBank(nn.Module):
     def store(self, task: str, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Keep `task`'s norm state: one state per layer, in order, each holding some of
         its keys; the others are the backbone's. Values take the dtype and device of the
-        backbone's tensors, as `load_state_dict` into a copy of its layer would."""
+        backbone's tensors, as `load_state_dict` into a copy of its layer would. Values
+        that are all on one device (a task file's, on the CPU) are joined there and moved
+        once: one transfer to a GPU, not one per tensor, each waiting for the GPU."""
         parts: list[list[torch.Tensor]] = [[] for _ in range(self.groups)]
+        devices: list[torch.device | None] = [None] * self.groups  # the backbone's, per group
         for layer, slots, state in zip(self.layers, self.slots, states, strict=True):
-            base = layer.state_dict()
             for slot in slots:
-                like = base[slot.key]
+                like = _state_tensor(layer, slot.key)
                 value = state.get(slot.key, like).detach()
                 if value.shape != like.shape:
                     raise ConfigError(
                         f"norm tensor {slot.key!r} of shape {tuple(value.shape)} for a layer "
                         f"whose {slot.key} is {tuple(like.shape)}"
                     )
-                parts[slot.group].append(value.to(like.device, like.dtype).reshape(-1))
+                parts[slot.group].append(value.to(dtype=like.dtype).reshape(-1))
+                devices[slot.group] = like.device
         flats = BufferDict()
-        for group, tensors in enumerate(parts):
-            flats[str(group)] = torch.cat(tensors)
+        for group, (tensors, device) in enumerate(zip(parts, devices, strict=True)):
+            if len({tensor.device for tensor in tensors}) > 1:
+                tensors = [tensor.to(device) for tensor in tensors]
+            flats[str(group)] = torch.cat(tensors).to(device)
         self.flats[task] = flats
 
     def remove(self, task: str) -> None:
@@ -135,6 +140,15 @@ class NormBank(nn.Module):
         state = super().__getstate__()
         state["_views"] = OrderedDict()  # made again on demand
         return state
+
+
+def _state_tensor(layer: nn.Module, key: str) -> torch.Tensor:
+    """`layer.state_dict()[key]`, read from the module dicts (a task's load asks for every
+    tensor of every norm layer: `state_dict` would build each layer's whole dict)."""
+    path, _, name = key.rpartition(".")
+    owner = layer.get_submodule(path) if path else layer
+    tensor = owner._parameters.get(name)
+    return owner._buffers[name] if tensor is None else tensor
 
 
 def _shaped(piece: torch.Tensor, slot: Slot) -> torch.Tensor:
