@@ -80,11 +80,16 @@ def training_setup(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Either method as it trains a 10-class task: fine-tuning a copy with a new 10-class
     head, or the default recipe's scores, norms and 10-class head on the frozen backbone."""
-    backbone = build(name, size, device)
+    return method_setup(build(name, size, device), method)
+
+
+def method_setup(backbone: nn.Module, method: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`training_setup` for a backbone already built (and on its device)."""
     if method == "finetune":
         if hasattr(backbone, "reset_classifier"):  # timm
             backbone.reset_classifier(CLASSES)
         else:  # torchvision's ResNet
+            device = backbone.fc.weight.device
             backbone.fc = nn.Linear(backbone.fc.in_features, CLASSES, device=device)
         backbone.requires_grad_(True)
         return backbone.train(), torch.optim.Adam(backbone.parameters(), lr=1e-4)

@@ -108,6 +108,16 @@ def test_profile_step_bench(tmp_path: Path) -> None:
         assert line["wall ms per step"] > 0 and line["gpu busy ms per step"] is None
 
 
+@pytest.mark.slow
+def test_host_time_bench(tmp_path: Path) -> None:
+    payload = run_bench("host_time", tmp_path)
+    finetune, mask = payload["steps"]
+    assert (finetune["method"], mask["method"]) == ("finetune", "mask")
+    assert mask["mask / finetune"] == pytest.approx(mask["step ms"] / finetune["step ms"])
+    (mixed,) = payload["mixed"]
+    assert mixed["k"] == 2 and mixed["mixed ms"] > 0 and mixed["plain ms"] > 0
+
+
 def test_gpu_idle_gaps_merge_overlapping_spans(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU's busy time is the union of its spans; a wait is a gap of 20 us or more."""
     monkeypatch.syspath_prepend(str(BENCH))
