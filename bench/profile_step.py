@@ -8,7 +8,9 @@ by their own time (self time, children excluded), CUDA time on a GPU.
 On a GPU a second table sets each method's wall-clock per step beside the time its
 kernels kept the GPU busy, and charges every stretch the GPU sat idle to the host
 operator that was running when it began (the innermost one): where a step waits on its
-host. `--trace DIR` also writes each method's Chrome trace (chrome://tracing, Perfetto).
+host. That wall-clock is under the profiler, which adds to every operator (more to the
+method that runs more of them); `bench/speed.py` times the steps unprofiled. `--trace DIR`
+also writes each method's Chrome trace (chrome://tracing, Perfetto).
 
     python bench/profile_step.py --model efficientnet_lite0 --size 224 --batch 16
     python bench/profile_step.py --device cuda --amp bf16 --batch 64 --model resnet50 --trace OUT
@@ -55,9 +57,13 @@ def profiled_steps(method: str, args: argparse.Namespace) -> tuple[profile, floa
 
 
 def idle_gaps(events: EventList) -> tuple[float, list[tuple[float, float]]]:
-    """The time (us) the GPU ran kernels, copies or fills, and the gaps between them."""
+    """The time (us) the GPU ran kernels, copies or fills, and the gaps between them, in
+    time order. A user annotation on the GPU's timeline (`Optimizer.step#Adam.step`) spans
+    its kernels and the gaps between them: it is no work of the GPU."""
     spans = sorted(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     )
     busy, gaps = 0.0, []
     if not spans:
@@ -73,16 +79,34 @@ def idle_gaps(events: EventList) -> tuple[float, list[tuple[float, float]]]:
     return busy + end - start, gaps
 
 
+def charged_to_host(events: EventList, gaps: list[tuple[float, float]]) -> Counter[str]:
+    """Each gap's length (us) by the innermost host op running when it began: the one of
+    latest start still open. One sweep over the host ops in order of start, keeping a
+    stack of those begun (the gaps come in time order, so an op closed at one gap is
+    closed at every later one)."""
+    host = sorted(
+        (e.time_range.start, -e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CPU
+    )  # an op before the ops it encloses that start with it
+    idle: Counter[str] = Counter()
+    stack: list[tuple[float, float, str]] = []
+    begun = 0
+    for gap_start, gap_end in gaps:
+        while begun < len(host) and host[begun][0] <= gap_start:
+            stack.append(host[begun])
+            begun += 1
+        while stack and -stack[-1][1] <= gap_start:
+            stack.pop()
+        idle[stack[-1][2] if stack else "(no host op)"] += gap_end - gap_start
+    return idle
+
+
 def timeline(method: str, prof: profile, wall: float, args: argparse.Namespace) -> dict:
     """Wall time, GPU busy time and the idle time by the host op it began in, per step."""
     events = prof.events()
     busy, gaps = idle_gaps(events)
-    host = [e for e in events if e.device_type == DeviceType.CPU]
-    idle_by_op: Counter[str] = Counter()
-    for gap_start, gap_end in gaps:
-        running = [e for e in host if e.time_range.start <= gap_start < e.time_range.end]
-        innermost = min(running, key=lambda e: e.time_range.elapsed_us(), default=None)
-        idle_by_op[innermost.name if innermost else "(no host op)"] += gap_end - gap_start
+    idle_by_op = charged_to_host(events, gaps)
     per_step = 1000 * args.steps
     on_gpu = torch.device(args.device).type == "cuda"
     return {

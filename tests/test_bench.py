@@ -128,9 +128,37 @@ def test_gpu_idle_gaps_merge_overlapping_spans(monkeypatch: pytest.MonkeyPatch) 
         return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
 
     spans = [(0, 10), (5, 30), (35, 40), (100, 150), (120, 130)]  # a 5 us and a 60 us gap
-    events = [event(DeviceType.CUDA, a, b) for a, b in spans] + [event(DeviceType.CPU, 0, 999)]
+    annotation = event(DeviceType.CUDA, 0, 150)  # e.g. Optimizer.step#Adam.step
+    annotation.is_user_annotation = True
+    events = [event(DeviceType.CUDA, a, b) for a, b in spans] + [annotation]
     assert idle_gaps(events) == (30 + 5 + 50, [(40, 100)])
     assert idle_gaps([event(DeviceType.CPU, 0, 9)]) == (0.0, [])
+
+
+def test_gpu_idle_time_is_charged_to_the_innermost_host_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import charged_to_host
+    from torch.autograd import DeviceType
+
+    def host_op(name: str, start: float, end: float) -> SimpleNamespace:
+        span = SimpleNamespace(start=start, end=end)
+        return SimpleNamespace(device_type=DeviceType.CPU, time_range=span, name=name)
+
+    ops = [
+        host_op("step", 0, 100),
+        host_op("forward", 0, 40),  # starts with step, inside it
+        host_op("where", 10, 12),
+        host_op("backward", 50, 90),
+        host_op("BinaryMaskedBackward", 60, 70),
+    ]
+    gaps = [(5, 8), (11, 14), (45, 48), (65, 69), (95, 97), (120, 130)]
+    assert charged_to_host(ops, gaps) == {
+        "forward": 3,
+        "where": 3,
+        "step": 3 + 2,
+        "BinaryMaskedBackward": 4,
+        "(no host op)": 10,
+    }
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from piggyback import MaskConfig, PiggybackModel, normbank, read_task_file
+from piggyback.errors import ConfigError
 from piggyback.store import task_config
 
 
@@ -264,3 +265,29 @@ def test_a_task_file_loads_onto_a_gpu_as_onto_the_cpu(tmp_path: Path, images: to
         flats = zip(on_gpu.norm_bank.flat(task), on_cpu.norm_bank.flat(task), strict=True)
         for gpu_flat, cpu_flat in flats:
             assert gpu_flat.is_cuda and torch.equal(gpu_flat.cpu(), cpu_flat)
+
+
+def test_values_from_other_devices_move_joined_in_order() -> None:
+    """A task file's values (on the CPU) reach the backbone's device in one copy per
+    device; the backbone's own stay where they are (the meta device stands in for a GPU)."""
+    on_cpu = [torch.arange(3.0), torch.arange(2.0) + 10]
+    here = torch.zeros(4, device="meta")
+    moved = normbank._moved_joined([on_cpu[0], here, on_cpu[1]], torch.device("meta"))
+    assert [t.device.type for t in moved] == ["meta"] * 3
+    assert [t.numel() for t in moved] == [3, 4, 2] and moved[1] is here
+
+
+def test_a_norm_bank_refuses_a_dtype_spread_over_devices() -> None:
+    bank = normbank.NormBank([nn.BatchNorm2d(2), nn.BatchNorm2d(3, device="meta")])
+    with pytest.raises(ConfigError, match="one device"):
+        bank.store("a", [{}, {}])
+
+
+def test_a_move_drops_the_views_of_the_old_tensors() -> None:
+    bank = normbank.NormBank([nn.BatchNorm2d(2)])
+    for task in "ab":
+        bank.store(task, [{}])
+        bank.views(task, 0)
+    bank.double()
+    assert not bank._views  # not the old float32 flats, alive until each task is asked for
+    assert bank.views("a", 0)["weight"].dtype == torch.float64

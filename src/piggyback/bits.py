@@ -153,7 +153,11 @@ def _encode_sparse(flat: torch.Tensor, kind: MaskKind) -> bytes:
 
 
 def decode_bits(
-    payload: bytes, codec: str, numel: int, kind: MaskKind, device: torch.device | None = None
+    payload: bytes,
+    codec: str,
+    numel: int,
+    kind: MaskKind,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Inverse of `encode_mask` into `pack_mask`'s layout (flat uint8 on `device`, the CPU
     by default): what a loaded task keeps. A binary mask stored packed is its own bytes,
@@ -172,6 +176,7 @@ def decode_bits(
         if numel % 8:  # bits past the last value: zero, as pack_mask leaves them
             packed[-1] &= (1 << numel % 8) - 1
         return torch.from_numpy(packed).to(device)
+    device = None if device is None else torch.device(device)
     if codec == "sparse-zstd" and kind == "binary" and device is not None and device.type != "cpu":
         return _packed_exceptions(_read_sparse(payload, numel, kind), numel, device)
     values = decode_mask(payload, codec, numel, kind)
@@ -280,7 +285,11 @@ def _read_sparse(payload: bytes, numel: int, kind: MaskKind) -> _Sparse:
     if escaped and int(long_gaps.max()) >= numel:
         raise TaskFileError(f"sparse mask payload points past the mask's {numel} values")
     shorts = int(short_gaps.sum(dtype=np.uint64)) - _ESCAPE * escaped
-    if count and count + shorts + int(long_gaps.sum(dtype=np.uint64)) - 1 >= numel:
+    # each long gap is below numel, so their uint64 sum is exact while escaped * numel is
+    longs = (
+        int(long_gaps.sum(dtype=np.uint64)) if escaped * numel < 2**64 else sum(map(int, long_gaps))
+    )
+    if count and count + shorts + longs - 1 >= numel:
         raise TaskFileError(f"sparse mask payload points past the mask's {numel} values")
     above = None
     if kind == "ternary":

@@ -83,10 +83,10 @@ class NormBank(nn.Module):
         """Keep `task`'s norm state: one state per layer, in order, each holding some of
         its keys; the others are the backbone's. Values take the dtype and device of the
         backbone's tensors, as `load_state_dict` into a copy of its layer would. Values
-        that are all on one device (a task file's, on the CPU) are joined there and moved
-        once: one transfer to a GPU, not one per tensor, each waiting for the GPU."""
+        on another device (a task file's, on the CPU) move there joined, once per device
+        they come from: one transfer to a GPU, not one per tensor, each waited for."""
         parts: list[list[torch.Tensor]] = [[] for _ in range(self.groups)]
-        devices: list[torch.device | None] = [None] * self.groups  # the backbone's, per group
+        devices: list[set[torch.device]] = [set() for _ in range(self.groups)]
         for layer, slots, state in zip(self.layers, self.slots, states, strict=True):
             for slot in slots:
                 like = _state_tensor(layer, slot.key)
@@ -97,12 +97,16 @@ class NormBank(nn.Module):
                         f"whose {slot.key} is {tuple(like.shape)}"
                     )
                 parts[slot.group].append(value.to(dtype=like.dtype).reshape(-1))
-                devices[slot.group] = like.device
+                devices[slot.group].add(like.device)
         flats = BufferDict()
-        for group, (tensors, device) in enumerate(zip(parts, devices, strict=True)):
-            if len({tensor.device for tensor in tensors}) > 1:
-                tensors = [tensor.to(device) for tensor in tensors]
-            flats[str(group)] = torch.cat(tensors).to(device)
+        for group, (tensors, held_on) in enumerate(zip(parts, devices, strict=True)):
+            if len(held_on) > 1:
+                raise ConfigError(
+                    f"the backbone's norm layers hold {tensors[0].dtype} tensors on "
+                    f"{sorted(map(str, held_on))}; frozen tasks' norms need them on one "
+                    "device (move the backbone there)"
+                )
+            flats[str(group)] = torch.cat(_moved_joined(tensors, held_on.pop()))
         self.flats[task] = flats
 
     def remove(self, task: str) -> None:
@@ -136,10 +140,32 @@ class NormBank(nn.Module):
             self._views.popitem(last=False)
         return held[1][index]
 
+    def _apply(self, fn: Any, recurse: bool = True) -> NormBank:
+        """As nn.Module's (`.to`, `.half`...); the views of the old flat tensors go with
+        them, not kept alive until their task is next asked for."""
+        self._views.clear()
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_views"] = OrderedDict()  # made again on demand
         return state
+
+
+def _moved_joined(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """`tensors` on `device`, in order; those elsewhere moved joined, one copy per device."""
+    elsewhere: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if tensor.device != device:
+            elsewhere.setdefault(tensor.device, []).append(index)
+    tensors = list(tensors)
+    for indices in elsewhere.values():
+        joined = torch.cat([tensors[i] for i in indices]).to(device)
+        for i, moved in zip(
+            indices, joined.split([tensors[i].numel() for i in indices]), strict=True
+        ):
+            tensors[i] = moved
+    return tensors
 
 
 def _state_tensor(layer: nn.Module, key: str) -> torch.Tensor:

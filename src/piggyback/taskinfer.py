@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -53,6 +53,7 @@ DEFAULT_RULE = "features"
 # that refused at most 5% of the known tasks' own test images, in both settings (for
 # "features", on both seeds, with a margin: 0.07 refused 4.9% on one).
 DEFAULT_THRESHOLDS = {"calibrated": 0.01, "entropy": 0.4, "features": 0.05}
+Chosen = TypeVar("Chosen")  # what a candidate is: a task's name, a server's entry
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def infer_task(
     rule's, `DEFAULT_THRESHOLDS`) refuses samples whose best score is below it.
     """
     candidates = _candidates(model, tasks, rule)
-    threshold = DEFAULT_THRESHOLDS[rule] if threshold is None else float(threshold)
+    threshold = threshold_for(rule, threshold)
     batch = _batch_size(inputs, kwargs)
     names = [task for task in candidates for _ in range(batch)]
     repeated = [_repeat(value, len(candidates), batch) for value in inputs]
@@ -122,12 +123,26 @@ def infer_task(
     scores = torch.stack([_score(model, task, logits[task], rule, seen) for task in candidates], 1)
     if same_task:
         scores = scores.mean(0, keepdim=True).expand(batch, -1)
+    chosen, best = choose(candidates, scores, threshold)
+    return TaskInference(chosen, best, candidates, scores, logits, rule, threshold)
+
+
+def threshold_for(rule: str, threshold: float | None) -> float:
+    """`threshold`, or the rule's default where it is None."""
+    return DEFAULT_THRESHOLDS[rule] if threshold is None else float(threshold)
+
+
+def choose(
+    candidates: Sequence[Chosen], scores: torch.Tensor, threshold: float
+) -> tuple[list[Chosen | None], torch.Tensor]:
+    """Each row's best-scoring candidate (scores: rows x candidates), None where that
+    score is below `threshold`; and the best scores."""
     best, index = scores.max(1)
     chosen = [
         candidates[i] if score >= threshold else None
         for i, score in zip(index.tolist(), best.tolist(), strict=True)
     ]
-    return TaskInference(chosen, best, candidates, scores, logits, rule, threshold)
+    return chosen, best
 
 
 def _candidates(model: PiggybackModel, tasks: Sequence[str] | None, rule: str) -> list[str]:

@@ -42,7 +42,7 @@ from ..store import (
     task_files,
     write_atomic,
 )
-from ..taskinfer import DEFAULT_THRESHOLDS, supported_rules
+from ..taskinfer import choose, supported_rules, threshold_for
 from .batcher import Job
 from .inputs import to_batch
 
@@ -334,13 +334,10 @@ class TaskRegistry:
                 logits.update({name: v.float().cpu() for name, v in found.logits.items()})
         if not order:
             raise UnknownTaskError("every task was deleted while inferring")
-        best, index = torch.cat(scores, 1).max(1)
-        threshold = DEFAULT_THRESHOLDS[rule] if threshold is None else threshold
+        chosen, best = choose(order, torch.cat(scores, 1), threshold_for(rule, threshold))
         return [
-            (order[j], score, logits[order[j].name][i])
-            if score >= threshold
-            else (None, score, None)
-            for i, (score, j) in enumerate(zip(best.tolist(), index.tolist(), strict=True))
+            (None, score, None) if entry is None else (entry, score, logits[entry.name][i])
+            for i, (entry, score) in enumerate(zip(chosen, best.tolist(), strict=True))
         ]
 
     # --------------------------------------------------------------- helpers
