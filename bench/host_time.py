@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from _common import markdown_table, write_run
+from _common import interleaved_seconds, markdown_table, write_run
 from speed import CLASSES, autocast, method_setup
 from timm.models.efficientnet import _gen_efficientnet_lite
 from torch import nn
@@ -76,7 +77,7 @@ def step_phases(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for method, phases in times.items():
         row: dict[str, Any] = {"model": name, "method": method}
-        row.update({f"{p} ms": 1000 * median(phases[p]) for p in PHASES})
+        row.update({f"{p} ms": 1000 * statistics.median(phases[p]) for p in PHASES})
         row["step ms"] = sum(row[f"{p} ms"] for p in PHASES)
         rows.append(row)
     rows[1]["mask / finetune"] = rows[1]["step ms"] / rows[0]["step ms"]
@@ -104,15 +105,9 @@ def mixed_batch(k: int, args: argparse.Namespace) -> dict[str, Any]:
         "one task": lambda: [model(x) for _ in range(k)],
         "mixed": lambda: model(mixed_x, task_names=names),
     }
-    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
-        for turn in range(args.warmup + args.repeat):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if turn >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-    ms = {name: 1000 * median(values) for name, values in times.items()}
+        seconds = interleaved_seconds(fns, torch.device("cpu"), args.repeat, args.warmup)
+    ms = {name: 1000 * value for name, value in seconds.items()}
     return {
         "k": k,
         "plain ms": ms["plain"],
@@ -121,10 +116,6 @@ def mixed_batch(k: int, args: argparse.Namespace) -> dict[str, Any]:
         "mixed / plain": ms["mixed"] / ms["plain"],
         "mixed / one task": ms["mixed"] / ms["one task"],
     }
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def main(argv: list[str] | None = None) -> None:
