@@ -25,6 +25,7 @@ from torch import nn
 
 from .bits import MaskKind, bits_per_value, pack_mask, unpack_binary, unpack_mask
 from .errors import ConfigError, UnknownTaskError
+from .functional import kept
 
 # Integer views of float weights: multiplying the bits by 1 keeps them, by 0 gives +0.0,
 # exactly what torch.where(keep, weight, 0) gives.
@@ -103,7 +104,7 @@ class MaskBank(nn.Module):
     def select_all(self, task: str, weights: torch.Tensor, out: torch.Tensor) -> None:
         """Every layer's W * mask of a task that `unpacks_at_once`, from the masked
         weights end to end (`flatweights.FlatWeights`) into `out`: one select."""
-        torch.where(self.keep_all(task), weights, weights.new_zeros(()), out=out)
+        kept(self.keep_all(task), weights, out)
 
     def keep_all(self, task: str) -> torch.Tensor:
         """Every layer's keep flags of a task that `unpacks_at_once`, unpacked at once (one
@@ -134,7 +135,7 @@ def masked_into(
         return target
     if keep is None:
         keep = bank.values(task, start, numel, torch.bool)
-    return torch.where(keep.view(weight.shape), weight, weight.new_zeros(()), out=out)
+    return kept(keep.view(weight.shape), weight, out)
 
 
 def masks_into(

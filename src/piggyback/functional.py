@@ -93,7 +93,13 @@ def mask_weight(
         return torch.mul(weight, threshold_scores(scores, threshold, fn).to(weight.dtype), out=out)
     if out is None and scores.requires_grad and torch.is_grad_enabled():
         return _BinaryMasked.apply(weight, scores, threshold)
-    return torch.where(scores > threshold, weight, weight.new_zeros(()), out=out)
+    return kept(scores > threshold, weight, out)
+
+
+def kept(keep: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W where `keep`, else +0.0 (into `out` when given): how every W * binary mask is
+    derived, scores or stored bits alike, so a dropped weight is +0.0 whatever its sign."""
+    return torch.where(keep, weight, weight.new_zeros(()), out=out)
 
 
 def init_scores(weight: torch.Tensor, init: ScoreInit, scale: float) -> torch.Tensor:
