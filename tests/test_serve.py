@@ -32,6 +32,7 @@ import httpx
 import pytest
 import torch
 from conftest import make_tiny
+from hostsync import host_waits
 from PIL import Image
 from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
@@ -852,3 +853,24 @@ def test_hostile_bench_quick(tmp_path: Path) -> None:
     assert {row["status"] for row in payload["uploads"]} == {400, 201}
     assert payload["load"]["unexpected"] == {}
     assert all(row["ok"] for row in payload["restarts"])
+
+
+def test_a_mixed_batch_queues_every_group_before_reading_any_back(task_dir: Path) -> None:
+    """On a GPU each read of a result holds the host until the device is idle: the
+    registry runs every group of a batch (a cached task's baked model, the masked model
+    for the rest) before it reads their logits back."""
+    model = PiggybackModel(make_tiny(), MaskConfig())
+    registry = TaskRegistry(model, SPEC, task_dir, cache_size=1)
+    jobs = [Job(task, torch.randn(1, 3, 16, 16)) for task in TASKS for _ in range(2)]
+    for _ in range(3):
+        registry.infer(jobs)  # until a task is cached
+    modules = [model, *(registry.cache.get(task) for task in registry.cache.tasks)]
+    with host_waits() as seen:
+        hooks = [m.register_forward_hook(lambda *_: seen.append(("forward", ""))) for m in modules]
+        try:
+            registry.infer(jobs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    kinds = [what for what, _ in seen]
+    assert kinds == ["forward", "forward", "cpu", "cpu"]

@@ -48,9 +48,9 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
-def assemble(outputs: list[Any], index: torch.Tensor) -> torch.Tensor:
-    """The groups' logits, in `index` order, put back at their rows; padded with -inf if
-    their widths differ."""
+def assemble(outputs: list[Any], index: torch.Tensor | None) -> torch.Tensor:
+    """The groups' logits, in `index` order, put back at their rows (None: they are in
+    order); padded with -inf if their widths differ."""
     logits = [logits_of(out) for out in outputs]
     if len({o.shape[1:] for o in logits}) > 1:
         if any(o.dim() != 2 for o in logits):
@@ -58,4 +58,6 @@ def assemble(outputs: list[Any], index: torch.Tensor) -> torch.Tensor:
         width = max(o.shape[1] for o in logits)
         logits = [F.pad(o, (0, width - o.shape[1]), value=float("-inf")) for o in logits]
     grouped = torch.cat(logits)
+    if index is None:
+        return grouped
     return torch.empty_like(grouped).index_copy_(0, index, grouped)

@@ -422,8 +422,9 @@ class PiggybackModel(nn.Module):
     def _forward_mixed(
         self, task_names: list[str], args: tuple, kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        """Samples gathered by task (one index for the batch, so no transfer per group), each
-        task's rows run as one contiguous slice with that task's weights derived once."""
+        """Samples gathered by task (one index for the batch, so no transfer per group; none
+        when they already are), each task's rows run as one contiguous slice with that
+        task's weights derived once."""
         batch = batch_size(args, kwargs)
         if len(task_names) != batch:
             raise ConfigError(f"{len(task_names)} task names for a batch of {batch} samples")
@@ -433,8 +434,10 @@ class PiggybackModel(nn.Module):
         for name in groups:
             self._check_task(name)
         order = [row for rows in groups.values() for row in rows]
-        index = torch.tensor(order, device=first_tensor(args, kwargs).device)
+        index = None  # rows already grouped (task inference's k copies): nothing to move
         if order != list(range(batch)):
+            # not waited for: a blocking upload would hold the host until the GPU is idle
+            index = torch.tensor(order).to(first_tensor(args, kwargs).device, non_blocking=True)
             args = tuple(take_rows(a, index, batch) for a in args)
             kwargs = {k: take_rows(v, index, batch) for k, v in kwargs.items()}
         outputs, start = [], 0

@@ -168,7 +168,7 @@ def distance(stats: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
     """Squared Mahalanobis distance of each row of `features` to its nearest class mean."""
     means = stats["means"].to(features.dtype)
     components = stats["components"].to(features.dtype)
-    variances = torch.as_tensor(stats["variances"], dtype=features.dtype, device=features.device)
+    variances = stats["variances"].to(features.dtype)
     diff = features[:, None, :] - means[None]  # samples x classes x dim
     squared = diff.pow(2).sum(-1) / stats["base"]
     projected = diff @ components.T  # samples x classes x components
@@ -215,24 +215,36 @@ def feature_record(
     return {"classes": classes, "layers": layers, "quantiles": [float(v) for v in points]}
 
 
-def parse_layer(layer: dict[str, Any], classes: int) -> dict[str, Any]:
-    """One stored layer's statistics as tensors (the record checked by `taskmeta`); the
-    tensors are shared between calls: read them, never write them."""
+def parse_layer(
+    layer: dict[str, Any], classes: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """One stored layer's statistics as tensors on `device` (the record checked by
+    `taskmeta`); the tensors are shared between calls: read them, never write them."""
     dim, kept = layer["dim"], len(layer["variances"])
+    device = torch.device(device)
     return {
-        "means": _decoded(layer["means"], (classes, dim)),
-        "components": _decoded(layer["components"], (kept, dim)),
-        "variances": layer["variances"],
+        "means": _decoded(layer["means"], (classes, dim), device),
+        "components": _decoded(layer["components"], (kept, dim), device),
+        "variances": on_device(tuple(layer["variances"]), device),
         "base": layer["base"],
     }
 
 
 @lru_cache(maxsize=1024)  # 3 layers x 2 tensors of 170 tasks; about 20 KB each
-def _decoded(text: str, shape: tuple[int, int]) -> torch.Tensor:
-    """`decode16`, once per text: task inference reads every candidate's statistics on
-    every call (0.14 ms a task to decode on the CPU: for 10 tasks, 8% of a plain
-    EfficientNet-Lite0 forward of 16 images at 64 px)."""
-    return decode16(text, shape)
+def _decoded(text: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """`decode16` onto `device`, once per text: task inference reads every candidate's
+    statistics on every call (0.14 ms a task to decode on the CPU: for 10 tasks, 8% of a
+    plain EfficientNet-Lite0 forward of 16 images at 64 px; on a GPU each upload would
+    also wait for the work queued before it)."""
+    return decode16(text, shape).to(device)
+
+
+@lru_cache(maxsize=1024)
+def on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A stored list of numbers (quantiles, variances) as a float32 tensor on `device`,
+    uploaded once and shared between calls: read it, never write it. A fresh
+    ``torch.tensor(values, device=...)`` per call is an upload the host waits on."""
+    return torch.tensor(values, dtype=torch.float32).to(device)
 
 
 def feature_score(record: dict[str, Any], features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -247,12 +259,11 @@ def feature_score(record: dict[str, Any], features: dict[str, torch.Tensor]) -> 
                 f"layer {layer['name']!r} gives {values.shape[1]} features; the task's "
                 f"statistics hold {layer['dim']}: it was calibrated on another model"
             )
-        stats = parse_layer(layer, record["classes"])
-        stats = {**stats, **{k: stats[k].to(values.device) for k in ("means", "components")}}
+        stats = parse_layer(layer, record["classes"], values.device)
         term = (distance(stats, values) / layer["median"]).log()
         statistic = term if statistic is None else statistic + term
     assert statistic is not None
-    return p_value(statistic, torch.tensor(record["quantiles"], device=statistic.device))
+    return p_value(statistic, on_device(tuple(record["quantiles"]), statistic.device))
 
 
 def p_value(statistic: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:

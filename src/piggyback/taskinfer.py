@@ -41,7 +41,7 @@ import torch
 
 from .errors import ConfigError
 from .mixed import logits_of
-from .taskfeatures import captured, feature_record, feature_score, running_features
+from .taskfeatures import captured, feature_record, feature_score, on_device, running_features
 from .taskmeta import CALIBRATION_KEY, ENTROPY_QUANTILES, FEATURES_KEY
 
 if TYPE_CHECKING:
@@ -136,11 +136,12 @@ def choose(
     candidates: Sequence[Chosen], scores: torch.Tensor, threshold: float
 ) -> tuple[list[Chosen | None], torch.Tensor]:
     """Each row's best-scoring candidate (scores: rows x candidates), None where that
-    score is below `threshold`; and the best scores."""
+    score is below `threshold`; and the best scores. The host reads both at once: on a
+    GPU each read waits for the work queued before it."""
     best, index = scores.max(1)
+    read = torch.stack((best.double(), index.double())).tolist()
     chosen = [
-        candidates[i] if score >= threshold else None
-        for i, score in zip(index.tolist(), best.tolist(), strict=True)
+        candidates[int(i)] if score >= threshold else None for score, i in zip(*read, strict=True)
     ]
     return chosen, best
 
@@ -192,8 +193,8 @@ def _score(
     entropy = normalised_entropy(logits)
     if rule == "entropy":
         return 1 - entropy
-    quantiles = torch.tensor(
-        model.task_info[task].metadata[CALIBRATION_KEY]["quantiles"], device=entropy.device
+    quantiles = on_device(
+        tuple(model.task_info[task].metadata[CALIBRATION_KEY]["quantiles"]), entropy.device
     )
     # The share of the task's validation images at least this unsure: 1 - CDF(entropy),
     # the CDF read off its quantiles (a step on either side of the range).

@@ -254,7 +254,10 @@ class TaskRegistry:
 
         Jobs are grouped by input shape and by how they run: each cached task through
         its baked model, the others together through the masked model with
-        `task_names`. Either way a sample's logits are those of running it alone.
+        `task_names`. Either way a sample's logits are those of running it alone. Every
+        group is queued before any result is read back: on a GPU each read (and each
+        blocking upload) holds the host until the device is idle, so per group they
+        would run the groups one after another with the host and the device taking turns.
         """
         outcomes: list[torch.Tensor | Exception] = [
             UnknownTaskError(f"task {job.task!r} was deleted") for job in jobs
@@ -267,8 +270,10 @@ class TaskRegistry:
             for i in live:
                 key = (baked[jobs[i].task], jobs[i].images.shape[1:])
                 groups.setdefault(key, []).append(i)
+            queued = []
             for (module, _), indices in groups.items():
-                batch = torch.cat([jobs[i].images for i in indices]).to(self.device)
+                batch = torch.cat([jobs[i].images for i in indices])
+                batch = batch.to(self.device, non_blocking=True)
                 per_task = len(batch) / len({jobs[i].task for i in indices})
                 with autocast(self.device, self.amp), self._threads(per_task):
                     if module is None:
@@ -276,7 +281,9 @@ class TaskRegistry:
                         logits = self.model(batch, task_names=names)
                     else:
                         logits = module(batch)
-                parts = logits.float().cpu().split([jobs[i].rows for i in indices])
+                queued.append((indices, logits.float()))
+            for indices, logits in queued:
+                parts = logits.cpu().split([jobs[i].rows for i in indices])
                 for i, part in zip(indices, parts, strict=True):
                     outcomes[i] = part[:, : self._entries[jobs[i].task].num_classes]
         return outcomes
@@ -327,7 +334,10 @@ class TaskRegistry:
                     continue  # deleted meanwhile
                 with autocast(self.device, self.amp):
                     found = self.model.infer_task(
-                        batches[spec].to(self.device), tasks=names, rule=rule, threshold=0.0
+                        batches[spec].to(self.device, non_blocking=True),
+                        tasks=names,
+                        rule=rule,
+                        threshold=0.0,
                     )
                 order += [self._entries[name] for name in names]
                 scores.append(found.candidate_scores.float().cpu())
