@@ -9,11 +9,13 @@ fails on the code before per-task norms (new default: 91.2% test, classifier-onl
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny
+from hostsync import host_waits
 from torch.utils.data import TensorDataset
 
 from piggyback import MaskConfig, PiggybackModel
@@ -85,6 +87,33 @@ def test_recalibration_measures_the_current_mask(images: torch.Tensor) -> None:
     torch.testing.assert_close(norm.running_mean, out.mean((0, 2, 3)))
     torch.testing.assert_close(norm.running_var, out.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert norm.momentum == 0.1  # restored after the cumulative average
+
+
+def test_recalibration_averages_its_batches_as_torch_would_without_reading_the_device(
+    images: torch.Tensor,
+) -> None:
+    """Three batches weigh alike, as BatchNorm's momentum=None average weighs them (bit for
+    bit: 1/n for the n-th batch is the factor torch reads off its count), with no read of
+    a device value on the way (on a GPU, torch's count read is a wait per layer)."""
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+    model.add_task("a", 1)
+    norm = model.norms["bn"].norms["a"]
+    inputs: list[torch.Tensor] = []
+    hook = norm.register_forward_pre_hook(lambda _, args: inputs.append(args[0].clone()))
+    with host_waits() as seen:
+        recalibrate_norms(model, "a", dataset, CPU, ImagePass(count=6, batch_size=2, seed=0))
+    hook.remove()
+    assert seen == [] and len(inputs) == 3
+    torch_average = copy.deepcopy(norm).train()
+    torch_average.reset_running_stats()
+    torch_average.momentum = None
+    with torch.no_grad():
+        for batch in inputs:
+            torch_average(batch)
+    assert torch.equal(norm.running_mean, torch_average.running_mean)
+    assert torch.equal(norm.running_var, torch_average.running_var)
+    assert norm.momentum == 0.1
 
 
 def test_warning_for_a_mask_that_never_moved(tmp_path: Path) -> None:

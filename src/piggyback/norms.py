@@ -67,7 +67,7 @@ def _run_images(
         seen = 0
         for inputs, _ in loader:
             with torch.no_grad(), autocast(device, run.amp):
-                model(inputs.to(device))
+                model(inputs.to(device, non_blocking=True))
             seen += len(inputs)
             if seen >= share:
                 break
@@ -97,10 +97,14 @@ def recalibrate_norms(
     momenta = [n.momentum for n in norms]
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches below
+    batches = dict.fromkeys(map(id, norms), 0)
 
     def batch_statistics(module: nn.Module, _inputs: tuple) -> None:
         module.train()  # this layer alone: the rest of the network stays in eval mode
+        # A cumulative average: the n-th batch weighs 1/n. What momentum=None does, but
+        # counted here: torch reads its count off the device, on a GPU a wait per layer.
+        batches[id(module)] += 1
+        module.momentum = 1.0 / batches[id(module)]
 
     try:
         _run_images(model, task, images, device, run, observe=(norms, batch_statistics))
