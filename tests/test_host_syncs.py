@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny
 from hostsync import host_waits
+from torch.utils.data import DataLoader, TensorDataset
 
 import piggyback.bank
 from piggyback import MaskConfig, PiggybackModel
 from piggyback.bank import MaskBank
+from piggyback.loop import evaluate, train_one_epoch
 from piggyback.taskinfer import calibrate_task
 
 TASKS = {"a": 3, "b": 5, "c": 4}
@@ -136,3 +138,30 @@ def test_paths_make_no_synchronising_call_on_cuda() -> None:
         for name, run in paths(model, x).items():
             run()
             assert cuda_syncs(run) == (1 if name.startswith("infer_task") else 0), name
+
+
+def test_training_and_evaluation_read_their_metrics_once_per_pass() -> None:
+    """An epoch's loss and accuracy, and an evaluation's, are summed where the batches
+    run and read back at the end of the pass, not after every batch (the label check
+    reads the loader's labels, which are on the host)."""
+    torch.manual_seed(0)
+    model = PiggybackModel(make_tiny(), MaskConfig(train_bn=True))
+    model.add_task("t", 4)
+    model.set_task("t")
+    optimizer = torch.optim.Adam(model.trainable_parameters("t"), lr=1e-3)
+    data = TensorDataset(torch.randn(12, 3, 16, 16), torch.randint(0, 4, (12,)))
+    loader = DataLoader(data, batch_size=4)
+    cpu = torch.device("cpu")
+    for run in (
+        lambda: train_one_epoch(model, loader, optimizer, cpu, progress=False),
+        lambda: evaluate(model, loader, cpu, 4, progress=False),
+    ):
+        with host_waits() as seen:
+            hook = model.register_forward_hook(lambda *_: seen.append(("forward", "")))
+            try:
+                run()
+            finally:
+                hook.remove()
+        kinds = [what for what, where in seen if "_check_batch_labels" not in where]
+        batches = len(loader)
+        assert kinds[:batches] == ["forward"] * batches and "forward" not in kinds[batches:]

@@ -7,6 +7,7 @@ metrics of the whole set (`piggyback.distributed`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .errors import DataError
 from .precision import Amp, autocast
+
+PROGRESS_SECONDS = 0.5  # how often the bar's running loss and accuracy are read back
 
 
 def train_one_epoch(
@@ -37,7 +40,11 @@ def train_one_epoch(
     """
     model.train()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    total_loss, correct, seen = 0.0, 0, 0
+    # Summed where the steps run and read back once: on a GPU each read of a step's loss
+    # holds the host until the step is done, so the next one is not queued behind it.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, shown = 0, time.monotonic()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
         if len(labels) == 1 and model.training:
@@ -51,11 +58,17 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == targets).sum())
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == targets).sum()
         seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    totals = distributed.all_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
+        if progress and time.monotonic() - shown >= PROGRESS_SECONDS:
+            running = (loss_sum / seen).item(), correct.item() / seen
+            bar.set_postfix(loss=f"{running[0]:.3f}", acc=f"{running[1]:.3f}")
+            shown = time.monotonic()
+    loss_total, correct_total = torch.stack((loss_sum, correct.double())).tolist()
+    totals = distributed.all_sum(
+        torch.tensor([loss_total, correct_total, seen], dtype=torch.float64)
+    )
     total_loss, correct, seen = totals.tolist()
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
 
@@ -79,9 +92,12 @@ def evaluate(
     (`distributed.shard`) and every process gets the metrics of the whole set.
     """
     model.eval()
-    total_loss, top1, top5, seen = 0.0, 0, 0, 0
-    hits = torch.zeros(num_classes, dtype=torch.long)
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    # summed where the batches run and read back once (see `train_one_epoch`)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ranks = torch.zeros(2, dtype=torch.long, device=device)  # right at top-1, in top-5
+    hits = torch.zeros(num_classes, dtype=torch.long, device=device)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=device)
+    seen = 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress):
         _check_batch_labels(labels, num_classes)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -89,17 +105,18 @@ def evaluate(
             logits = model(images)
         if observe is not None:
             observe(logits, labels)
-        total_loss += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
         right = ranked[:, 0] == labels
-        top1 += int(right.sum())
-        top5 += int((ranked == labels[:, None]).any(1).sum())
+        ranks += torch.stack((right.sum(), (ranked == labels[:, None]).any(1).sum()))
         seen += len(labels)
-        counts += torch.bincount(labels.cpu(), minlength=num_classes)
-        hits += torch.bincount(labels[right].cpu(), minlength=num_classes)
+        counts.index_add_(0, labels, torch.ones_like(labels))  # bincount would read the max
+        hits.index_add_(0, labels, right.long())
+    read = torch.cat((torch.stack((loss_sum, *ranks.double())), hits.double(), counts.double()))
+    total_loss, top1, top5, *per_class_counts = read.tolist()
     totals = distributed.all_sum(torch.tensor([total_loss, top1, top5, seen], dtype=torch.float64))
     total_loss, (top1, top5, seen) = float(totals[0]), totals[1:].long().tolist()
-    hits, counts = distributed.all_sum(torch.stack([hits, counts]))
+    hits, counts = distributed.all_sum(torch.tensor(per_class_counts).long().view(2, num_classes))
     per_class = [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
     return {
         "top1": top1 / max(seen, 1),
