@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, log it, bundle everything so f
 step machine 30 bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__,
     torch.cuda.get_device_name())"'
 step cuda-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_bank.py tests/test_bits.py \
-    tests/test_functional.py tests/test_resident_norms.py
+    tests/test_functional.py tests/test_resident_norms.py tests/test_host_syncs.py
 # issue 18: switch, re-derived forward, mixed batches, resident tasks (batch 64)
 step speed-b64 240 python3 bench/speed.py "${amp[@]}" --batch 64 --repeat 15 \
     --parts inference tasks --models resnet50 efficientnet_lite0 \

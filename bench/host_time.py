@@ -9,7 +9,9 @@ work. Two figures, each against its plain counterpart in the same run:
 - a mask-training step (the default recipe: scores, per-task norms, 10-class head) against
   a fine-tuning step, phase by phase (zero_grad, forward, backward, optimizer step);
 - a mixed batch of k frozen tasks with their own norms (serving's mix, task inference's k
-  passes) against k forwards of the plain backbone, and k of one of the tasks.
+  passes) against k forwards of the plain backbone, and k of one of the tasks; and task
+  inference over the k tasks (the default rule, each task calibrated) against the same k
+  plain forwards.
 
     python bench/host_time.py
     python bench/host_time.py --quick          # seconds: the CI smoke run
@@ -35,6 +37,7 @@ from timm.models.efficientnet import _gen_efficientnet_lite
 from torch import nn
 
 from piggyback import PiggybackModel
+from piggyback.taskinfer import calibrate_task
 
 THIN: dict[str, Callable[[], nn.Module]] = {
     "resnet50": lambda: timm.create_model("resnet50", channels=(4, 8, 16, 32), stem_width=4),
@@ -86,7 +89,8 @@ def step_phases(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def mixed_batch(k: int, args: argparse.Namespace) -> dict[str, Any]:
     """A mixed batch of `k` frozen tasks (own norms), 16 images each, against `k` forwards
-    of the plain backbone and against `k` forwards of one cached task."""
+    of the plain backbone and against `k` forwards of one cached task; and `infer_task`
+    over the `k` tasks for 16 images."""
     plain = thin("efficientnet_lite0")
     model = PiggybackModel(copy.deepcopy(plain)).eval()  # it wraps the layers it is given
     generator = torch.Generator().manual_seed(1)
@@ -97,13 +101,16 @@ def mixed_batch(k: int, args: argparse.Namespace) -> dict[str, Any]:
         }
         model.add_task(f"t{index}", CLASSES, masks=masks, train_bn=True)
         model.freeze_task(f"t{index}")
+        calibrate_task(model, f"t{index}", [torch.randn(16, 3, SIZE, SIZE, generator=generator)])
     x = torch.randn(16, 3, SIZE, SIZE)
-    mixed_x, names = x.repeat(k, 1, 1, 1), [f"t{i}" for i in range(k) for _ in range(16)]
+    tasks = [f"t{i}" for i in range(k)]
+    mixed_x, names = x.repeat(k, 1, 1, 1), [task for task in tasks for _ in range(16)]
     model.set_task("t0")
     fns = {
         "plain": lambda: [plain(x) for _ in range(k)],
         "one task": lambda: [model(x) for _ in range(k)],
         "mixed": lambda: model(mixed_x, task_names=names),
+        "infer_task": lambda: model.infer_task(x, tasks=tasks),
     }
     with torch.no_grad():
         seconds = interleaved_seconds(fns, torch.device("cpu"), args.repeat, args.warmup)
@@ -113,8 +120,10 @@ def mixed_batch(k: int, args: argparse.Namespace) -> dict[str, Any]:
         "plain ms": ms["plain"],
         "one task ms": ms["one task"],
         "mixed ms": ms["mixed"],
+        "infer_task ms": ms["infer_task"],
         "mixed / plain": ms["mixed"] / ms["plain"],
         "mixed / one task": ms["mixed"] / ms["one task"],
+        "infer_task / plain": ms["infer_task"] / ms["plain"],
     }
 
 
