@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,19 @@ def write_results(path: str | Path, payload: dict[str, Any]) -> Path:
     payload = {"command": " ".join(["python", *sys.argv]), "hardware": hardware(), **payload}
     write_atomic(path, json.dumps(payload, indent=2).encode())
     return path
+
+
+def profile_parser(
+    doc: str, models: Iterable[str], *, model: str, top: int, out: str
+) -> argparse.ArgumentParser:
+    """The options every bench/profile_*.py takes (which model, its input size, the
+    device, how many of the costliest entries to list, the JSON file, --quick); each
+    script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default=model, choices=list(models))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--top", type=int, default=top)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    return parser

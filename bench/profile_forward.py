@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import interleaved_seconds, markdown_table, sync, write_run
+from _common import interleaved_seconds, markdown_table, profile_parser, sync, write_run
 from speed import BUILDERS, add_switching_tasks, build, inference, masked_forwards
 from torch.profiler import ProfilerActivity, profile
 
@@ -70,16 +70,12 @@ def top_ops(name: str, fn: Callable[[], None], args: argparse.Namespace) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=list(BUILDERS))
-    parser.add_argument("--size", type=int, default=224)
+    parser = profile_parser(
+        __doc__, BUILDERS, model="resnet50", top=12, out="bench/results/profile_forward.json"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"))
-    parser.add_argument("--out", default="bench/results/profile_forward.json")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.steps, args.top = 32, 2, 1, 5

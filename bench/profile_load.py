@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import markdown_table, sync, write_run
+from _common import markdown_table, profile_parser, sync, write_run
 from speed import BUILDERS, build, derive_all, random_masks
 
 from piggyback import PiggybackModel
@@ -59,14 +59,10 @@ def rows(stats: pstats.Stats, loads: int, top: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", choices=list(BUILDERS))
-    parser.add_argument("--size", type=int, default=224)
+    parser = profile_parser(
+        __doc__, BUILDERS, model="resnet50", top=30, out="bench/results/profile_load.json"
+    )
     parser.add_argument("--loads", type=int, default=5)
-    parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="bench/results/profile_load.json")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.loads, args.top = 32, 1, 8

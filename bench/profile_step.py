@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import markdown_table, sync, write_run
+from _common import markdown_table, profile_parser, sync, write_run
 from speed import BUILDERS, train_step_fn, training_setup
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
@@ -142,17 +142,13 @@ def top_ops(method: str, prof: profile, args: argparse.Namespace) -> list[dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="efficientnet_lite0", choices=list(BUILDERS))
-    parser.add_argument("--size", type=int, default=224)
+    parser = profile_parser(
+        __doc__, BUILDERS, model="efficientnet_lite0", top=12, out="bench/results/profile_step.json"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("bf16", "fp16"))
     parser.add_argument("--trace", help="a folder for each method's Chrome trace")
-    parser.add_argument("--out", default="bench/results/profile_step.json")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.steps, args.top = 32, 2, 1, 5
