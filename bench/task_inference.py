@@ -174,7 +174,11 @@ def cost(
     """Seconds per image of inference over k tasks, by each rule, against one plain
     forward (the task baked into a plain backbone); timed in turns, so that other
     processes on the machine slow every figure alike. Once with the default weight cache
-    (each call re-derives every candidate's masked weights), once keeping all k."""
+    (each call re-derives every candidate's masked weights), once keeping all k. The
+    model runs in eval mode, as the server and `piggyback predict` run it (in training
+    mode each call would switch it to eval and back: two walks of every module, and the
+    switch back drops the cached weights)."""
+    model.eval()
     batch = images[:BATCH]
     plain = model.bake(next(iter(model.task_info))).to(device)
     rows = []

@@ -512,6 +512,12 @@ class PiggybackModel(nn.Module):
         """Which of `tasks` (default: all held) each sample belongs to, None where it looks
         like none of them; see `piggyback.taskinfer` (`rule` None: its DEFAULT_RULE).
 
+        It runs every candidate: k tasks cost about k forwards. Call it on a model in
+        eval mode, with `weight_cache_size` at least k if memory allows (k copies of the
+        masked weights): in training mode each call switches the model to eval and back,
+        which drops the cached masked weights, and with fewer cached than candidates each
+        call derives them again (docs/benchmarks.md, "Task inference").
+
         Example:
             >>> found = model.infer_task(images)  # doctest: +SKIP
             >>> found.tasks, found.scores  # doctest: +SKIP
