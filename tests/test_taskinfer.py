@@ -23,7 +23,8 @@ from piggyback.taskfeatures import (
     decode16,
     encode16,
     feature_layers,
-    feature_score,
+    feature_record,
+    feature_scores,
     p_value,
 )
 from piggyback.taskinfer import (
@@ -138,7 +139,8 @@ def test_features_rule_scores_each_task_on_its_own_pass(model: PiggybackModel) -
             model.set_task(task)(x)
         own = {name: torch.cat(seen[name, task]) for name in layers}
         stored = model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY]
-        torch.testing.assert_close(found.candidate_scores[:, column], feature_score(stored, own))
+        alone = feature_scores([stored], [own])[:, 0]
+        torch.testing.assert_close(found.candidate_scores[:, column], alone)
     assert ((found.candidate_scores >= 0) & (found.candidate_scores <= 1)).all()
     assert model.infer_task(x, threshold=1.01).tasks == [None] * 8
 
@@ -176,6 +178,30 @@ def test_features_are_read_at_layers_that_run(backbone: str) -> None:
         hook.remove()
     assert [layer["name"] for layer in record["layers"]] == feature_layers(ran)
     assert len(model.eval().infer_task(batches[0], threshold=0.0).tasks) == len(batches[0])
+
+
+def test_candidates_scored_together_score_as_each_alone() -> None:
+    """Scoring k candidates at once pads each to the most classes and directions among
+    them; the padding changes no score: tasks of 3 classes and of 1, fitted on 40 and on 3
+    images (8 and 3 directions kept at the wider layer)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def features(n: int) -> dict[str, torch.Tensor]:
+        return {
+            name: nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1)
+            for name, dim in (("narrow", 6), ("wide", 12))
+        }
+
+    records = [
+        feature_record(features(40), torch.arange(40) % 3, 3),
+        feature_record(features(3), None, 1),
+    ]
+    assert [len(r["layers"][1]["variances"]) for r in records] == [8, 3]
+    inputs = [features(5), features(5)]
+    together = feature_scores(records, inputs)
+    for column, (record, seen) in enumerate(zip(records, inputs, strict=True)):
+        torch.testing.assert_close(together[:, column], feature_scores([record], [seen])[:, 0])
+    assert together.shape == (5, 2)
 
 
 def test_p_value_is_monotone_and_ranks_beyond_the_last_quantile() -> None:

@@ -165,15 +165,58 @@ def fit_layer(features: torch.Tensor, labels: torch.Tensor, classes: int) -> dic
 
 
 def distance(stats: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
-    """Squared Mahalanobis distance of each row of `features` to its nearest class mean."""
+    """Squared Mahalanobis distance of each row of `features` to its nearest class mean:
+    features (k x n x dim) for k candidates at once, each with its statistics (`stacked`:
+    means k x classes x dim, components k x kept x dim, variances k x kept, base k, and
+    `classes` k, the real classes of each, the others padding); k x n."""
     means = stats["means"].to(features.dtype)
     components = stats["components"].to(features.dtype)
-    variances = stats["variances"].to(features.dtype)
-    diff = features[:, None, :] - means[None]  # samples x classes x dim
-    squared = diff.pow(2).sum(-1) / stats["base"]
-    projected = diff @ components.T  # samples x classes x components
-    squared = squared + (projected.pow(2) * (1 / variances - 1 / stats["base"])).sum(-1)
-    return squared.min(1).values.clamp_min(_EPS)
+    base = stats["base"].to(features.dtype)
+    k, classes, dim = means.shape
+    diff = features[:, :, None, :] - means[:, None]  # k x samples x classes x dim
+    squared = diff.pow(2).sum(-1) / base[:, None, None]
+    rows = diff.reshape(k, -1, dim)  # k x samples * classes x dim
+    if k == 1:  # one matrix product, as fitting's always was: its records stay bit for bit
+        projected = (rows[0] @ components[0].T)[None]
+    else:
+        projected = torch.bmm(rows, components.transpose(1, 2))
+    # a padded direction has the base variance: it adds nothing
+    weights = 1 / stats["variances"].to(features.dtype) - 1 / base[:, None]  # k x kept
+    squared = squared + (projected.pow(2) * weights[:, None]).sum(-1).view(squared.shape)
+    padding = torch.arange(classes, device=means.device) >= stats["classes"][:, None]
+    squared = squared.masked_fill(padding[:, None], math.inf)
+    return squared.min(-1).values.clamp_min(_EPS)
+
+
+def stacked(layers: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """One layer's statistics of k candidates (`fit_layer`'s, or `parse_layer`'s, on the
+    CPU) as `distance` takes them: padded to the most classes and directions among them.
+    One candidate's tensors are taken as they are, layouts included, so that fitting's
+    arithmetic (and the records it stores) is what it was bit for bit."""
+    classes = max(len(layer["means"]) for layer in layers)
+    kept = max(len(layer["variances"]) for layer in layers)
+    dtype = layers[0]["means"].dtype
+    bases = [float(layer["base"]) for layer in layers]
+    variances = [layer["variances"].to(dtype) for layer in layers]
+    return {
+        "means": _stack([layer["means"] for layer in layers], classes, [0.0] * len(layers)),
+        "components": _stack([layer["components"] for layer in layers], kept, [0.0] * len(layers)),
+        "variances": _stack(variances, kept, bases),  # a padded direction: the base variance
+        "base": torch.tensor(bases, dtype=dtype),
+        "classes": torch.tensor([len(layer["means"]) for layer in layers]),
+    }
+
+
+def _stack(tensors: list[torch.Tensor], rows: int, fills: list[float]) -> torch.Tensor:
+    """`tensors` stacked, each padded with rows of its fill up to `rows` (one alone: a
+    view of it)."""
+    if len(tensors) == 1 and len(tensors[0]) == rows:
+        return tensors[0][None]
+    padded = []
+    for tensor, fill in zip(tensors, fills, strict=True):
+        pad = (0, 0) * (tensor.dim() - 1) + (0, rows - len(tensor))
+        padded.append(torch.nn.functional.pad(tensor, pad, value=fill))
+    return torch.stack(padded)
 
 
 def feature_record(
@@ -198,7 +241,7 @@ def feature_record(
             held = folds == fold
             train = ~held if bool((~held).any()) else held  # one image: measured in sample
             stats = fit_layer(values[train], labels[train], classes)
-            out_of_fold[held] = distance(stats, values[held])
+            out_of_fold[held] = distance(stacked([stats]), values[held][None])[0]
         median = float(out_of_fold.median())
         statistic += (out_of_fold / median).log()
         stats = fit_layer(values, labels, classes)
@@ -215,70 +258,111 @@ def feature_record(
     return {"classes": classes, "layers": layers, "quantiles": [float(v) for v in points]}
 
 
-def parse_layer(
-    layer: dict[str, Any], classes: int, device: torch.device | str = "cpu"
-) -> dict[str, Any]:
-    """One stored layer's statistics as tensors on `device` (the record checked by
-    `taskmeta`); the tensors are shared between calls: read them, never write them."""
+def parse_layer(layer: dict[str, Any], classes: int) -> dict[str, Any]:
+    """One stored layer's statistics as tensors (the record checked by `taskmeta`); the
+    tensors are shared between calls: read them, never write them."""
     dim, kept = layer["dim"], len(layer["variances"])
-    device = torch.device(device)
     return {
-        "means": _decoded(layer["means"], (classes, dim), device),
-        "components": _decoded(layer["components"], (kept, dim), device),
-        "variances": on_device(tuple(layer["variances"]), device),
+        "means": _decoded(layer["means"], (classes, dim)),
+        "components": _decoded(layer["components"], (kept, dim)),
+        "variances": torch.tensor(layer["variances"], dtype=torch.float32),
         "base": layer["base"],
     }
 
 
 @lru_cache(maxsize=1024)  # 3 layers x 2 tensors of 170 tasks; about 20 KB each
-def _decoded(text: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """`decode16` onto `device`, once per text: task inference reads every candidate's
-    statistics on every call (0.14 ms a task to decode on the CPU: for 10 tasks, 8% of a
-    plain EfficientNet-Lite0 forward of 16 images at 64 px; on a GPU each upload would
-    also wait for the work queued before it)."""
-    return decode16(text, shape).to(device)
+def _decoded(text: str, shape: tuple[int, int]) -> torch.Tensor:
+    """`decode16`, once per text (0.14 ms a task to decode on the CPU)."""
+    return decode16(text, shape)
 
 
 @lru_cache(maxsize=1024)
 def on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """A stored list of numbers (quantiles, variances) as a float32 tensor on `device`,
-    uploaded once and shared between calls: read it, never write it. A fresh
-    ``torch.tensor(values, device=...)`` per call is an upload the host waits on."""
+    """A stored list of numbers (quantiles) as a float32 tensor on `device`, uploaded once
+    and shared between calls: read it, never write it. A fresh ``torch.tensor(values,
+    device=...)`` per call is an upload the host waits on."""
     return torch.tensor(values, dtype=torch.float32).to(device)
 
 
-def feature_score(record: dict[str, Any], features: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The share of the task's validation images less typical than each input, in
-    [TAIL, 1]; beyond the least typical, below TAIL and decaying with the statistic (so
-    that inputs far from every task still rank)."""
-    statistic = None
-    for layer in record["layers"]:
-        values = features[layer["name"]]
-        if values.shape[1] != layer["dim"]:
-            raise ConfigError(
-                f"layer {layer['name']!r} gives {values.shape[1]} features; the task's "
-                f"statistics hold {layer['dim']}: it was calibrated on another model"
-            )
-        stats = parse_layer(layer, record["classes"], values.device)
-        term = (distance(stats, values) / layer["median"]).log()
-        statistic = term if statistic is None else statistic + term
-    assert statistic is not None
-    return p_value(statistic, on_device(tuple(record["quantiles"]), statistic.device))
+def _record_key(record: dict[str, Any]) -> tuple:
+    """What a task's feature record holds, hashable (the base64 texts hash once each)."""
+    layers = tuple(
+        (layer["name"], layer["dim"], layer["means"], layer["components"],
+         tuple(layer["variances"]), layer["base"], layer["median"])
+        for layer in record["layers"]
+    )  # fmt: skip
+    return record["classes"], layers, tuple(record["quantiles"])
+
+
+@lru_cache(maxsize=64)
+def _candidates_on(keys: tuple[tuple, ...], device: torch.device) -> list[Any]:
+    """The statistics of k candidates (`_record_key`s, the same layers each) stacked and on
+    `device`, made once per set of candidates: task inference asks on every call, and on a
+    GPU each upload would wait for the work queued before it. Per layer (name, dim,
+    `stacked` statistics, medians), then the quantiles (k x QUANTILES)."""
+    layers = []
+    for position, (name, dim, *_) in enumerate(keys[0][1]):
+        parsed = []
+        for classes, record_layers, _ in keys:
+            _, _, means, components, variances, base, median = record_layers[position]
+            record = {"dim": dim, "means": means, "components": components,
+                      "variances": list(variances), "base": base}  # fmt: skip
+            parsed.append({**parse_layer(record, classes), "median": median})
+        stats = {k: v.to(device) for k, v in stacked(parsed).items()}
+        medians = torch.tensor([layer["median"] for layer in parsed]).to(device)
+        layers.append((name, dim, stats, medians))
+    quantiles = torch.tensor([key[2] for key in keys], dtype=torch.float32).to(device)
+    return [layers, quantiles]
+
+
+def feature_scores(
+    records: Sequence[dict[str, Any]], features: Sequence[dict[str, torch.Tensor]]
+) -> torch.Tensor:
+    """Each candidate's score of each input (samples x candidates): the share of the
+    task's validation images less typical than the input, in [TAIL, 1]; beyond the least
+    typical, below TAIL and decaying with the statistic (so that inputs far from every
+    task still rank). `records[i]` is candidate i's feature statistics and `features[i]`
+    what its pass gave at their layers; candidates reading the same layers (those of one
+    model) are scored together."""
+    device = next(iter(features[0].values())).device
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(tuple(layer["name"] for layer in record["layers"]), []).append(index)
+    columns: list[torch.Tensor | None] = [None] * len(records)
+    for members in groups.values():
+        keys = tuple(_record_key(records[i]) for i in members)
+        layers, quantiles = _candidates_on(keys, device)
+        statistic = None
+        for name, dim, stats, medians in layers:
+            values = torch.stack([features[i][name] for i in members])  # k x samples x dim
+            if values.shape[-1] != dim:
+                raise ConfigError(
+                    f"layer {name!r} gives {values.shape[-1]} features; the task's "
+                    f"statistics hold {dim}: it was calibrated on another model"
+                )
+            term = (distance(stats, values) / medians[:, None]).log()
+            statistic = term if statistic is None else statistic + term
+        assert statistic is not None
+        for column, score in zip(members, p_value(statistic, quantiles), strict=True):
+            columns[column] = score
+    return torch.stack(columns, 1)  # type: ignore[arg-type]
 
 
 def p_value(statistic: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """1 - CDF(statistic), the CDF linear between its stored quantiles, squeezed into
-    [TAIL, 1]; beyond the last quantile TAIL / (1 + excess / the top tenth's spread)."""
-    statistic, quantiles = statistic.float().contiguous(), quantiles.float()
-    steps = len(quantiles) - 1
+    [TAIL, 1]; beyond the last quantile TAIL / (1 + excess / the top tenth's spread).
+    Candidates may lead: statistic k x n against quantiles k x QUANTILES."""
+    statistic, quantiles = statistic.float().contiguous(), quantiles.float().contiguous()
+    steps = quantiles.shape[-1] - 1
     upper = torch.searchsorted(quantiles, statistic).clamp(1, steps)
-    low, high = quantiles[upper - 1], quantiles[upper]
+    low, high = quantiles.gather(-1, upper - 1), quantiles.gather(-1, upper)
     within = ((statistic - low) / (high - low).clamp_min(_EPS)).clamp(0, 1)
     score = 1 - (upper - 1 + within) / steps
-    spread = (quantiles[-1] - quantiles[round(0.9 * steps)]).clamp_min(_EPS)
-    tail = TAIL / (1 + (statistic - quantiles[-1]) / spread)  # no underflow: ranks
+    last = quantiles[..., -1:]
+    spread = (last - quantiles[..., round(0.9 * steps), None]).clamp_min(_EPS)
+    tail = TAIL / (1 + (statistic - last) / spread)  # no underflow: ranks
     inside = TAIL + (1 - TAIL) * score.clamp(0, 1)
-    return torch.where(statistic > quantiles[-1], tail.clamp(max=TAIL), inside)
+    return torch.where(statistic > last, tail.clamp(max=TAIL), inside)
 
 
 # ------------------------------------------------------------- 16-bit text

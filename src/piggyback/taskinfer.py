@@ -41,7 +41,7 @@ import torch
 
 from .errors import ConfigError
 from .mixed import logits_of
-from .taskfeatures import captured, feature_record, feature_score, on_device, running_features
+from .taskfeatures import captured, feature_record, feature_scores, on_device, running_features
 from .taskmeta import CALIBRATION_KEY, ENTROPY_QUANTILES, FEATURES_KEY
 
 if TYPE_CHECKING:
@@ -120,7 +120,10 @@ def infer_task(
         task: output[i * batch : (i + 1) * batch, : model.task_info[task].num_classes]
         for i, task in enumerate(candidates)
     }
-    scores = torch.stack([_score(model, task, logits[task], rule, seen) for task in candidates], 1)
+    if rule == "features":
+        scores = _feature_scores(model, candidates, seen)
+    else:
+        scores = torch.stack([_score(model, task, logits[task], rule) for task in candidates], 1)
     if same_task:
         scores = scores.mean(0, keepdim=True).expand(batch, -1)
     chosen, best = choose(candidates, scores, threshold)
@@ -179,17 +182,20 @@ def _feature_layers(model: PiggybackModel, candidates: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _score(
-    model: PiggybackModel,
-    task: str,
-    logits: torch.Tensor,
-    rule: str,
-    seen: dict[tuple[str, str], list[torch.Tensor]],
+def _feature_scores(
+    model: PiggybackModel, candidates: list[str], seen: dict[tuple[str, str], list[torch.Tensor]]
 ) -> torch.Tensor:
-    if rule == "features":
-        record = model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY]
-        names = [layer["name"] for layer in record["layers"]]
-        return feature_score(record, _features_of(seen, names, task))
+    """Every candidate's features rule score at once (`taskfeatures.feature_scores`)."""
+    records = [model.task_info[task].metadata[CALIBRATION_KEY][FEATURES_KEY] for task in candidates]
+    features = [
+        _features_of(seen, [layer["name"] for layer in record["layers"]], task)
+        for record, task in zip(records, candidates, strict=True)
+    ]
+    return feature_scores(records, features)
+
+
+def _score(model: PiggybackModel, task: str, logits: torch.Tensor, rule: str) -> torch.Tensor:
+    """A candidate's score by an output rule ("entropy", "calibrated")."""
     entropy = normalised_entropy(logits)
     if rule == "entropy":
         return 1 - entropy
