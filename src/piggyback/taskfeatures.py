@@ -189,7 +189,7 @@ def distance(stats: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
 
 
 def stacked(layers: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """One layer's statistics of k candidates (`fit_layer`'s, or `parse_layer`'s, on the
+    """One layer's statistics of k candidates (`fit_layer`'s, or a stored record's, on the
     CPU) as `distance` takes them: padded to the most classes and directions among them.
     One candidate's tensors are taken as they are, layouts included, so that fitting's
     arithmetic (and the records it stores) is what it was bit for bit."""
@@ -258,18 +258,6 @@ def feature_record(
     return {"classes": classes, "layers": layers, "quantiles": [float(v) for v in points]}
 
 
-def parse_layer(layer: dict[str, Any], classes: int) -> dict[str, Any]:
-    """One stored layer's statistics as tensors (the record checked by `taskmeta`); the
-    tensors are shared between calls: read them, never write them."""
-    dim, kept = layer["dim"], len(layer["variances"])
-    return {
-        "means": _decoded(layer["means"], (classes, dim)),
-        "components": _decoded(layer["components"], (kept, dim)),
-        "variances": torch.tensor(layer["variances"], dtype=torch.float32),
-        "base": layer["base"],
-    }
-
-
 @lru_cache(maxsize=1024)  # 3 layers x 2 tensors of 170 tasks; about 20 KB each
 def _decoded(text: str, shape: tuple[int, int]) -> torch.Tensor:
     """`decode16`, once per text (0.14 ms a task to decode on the CPU)."""
@@ -303,11 +291,15 @@ def _candidates_on(keys: tuple[tuple, ...], device: torch.device) -> list[Any]:
     layers = []
     for position, (name, dim, *_) in enumerate(keys[0][1]):
         parsed = []
-        for classes, record_layers, _ in keys:
+        for classes, record_layers, _ in keys:  # each record as checked by `taskmeta`
             _, _, means, components, variances, base, median = record_layers[position]
-            record = {"dim": dim, "means": means, "components": components,
-                      "variances": list(variances), "base": base}  # fmt: skip
-            parsed.append({**parse_layer(record, classes), "median": median})
+            parsed.append({
+                "means": _decoded(means, (classes, dim)),
+                "components": _decoded(components, (len(variances), dim)),
+                "variances": torch.tensor(variances, dtype=torch.float32),
+                "base": base,
+                "median": median,
+            })  # fmt: skip
         stats = {k: v.to(device) for k, v in stacked(parsed).items()}
         medians = torch.tensor([layer["median"] for layer in parsed]).to(device)
         layers.append((name, dim, stats, medians))
