@@ -71,8 +71,9 @@ class _Calls(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        data = args[0] if args else kwargs.get("data")
         upload = (  # Python values to a device (a tensor there already is no upload)
-            func in _UPLOADS and kwargs.get("device") is not None and not torch.is_tensor(args[0])
+            func in _UPLOADS and kwargs.get("device") is not None and not torch.is_tensor(data)
         )
         if func in _READS or upload:
             where = _caller()
